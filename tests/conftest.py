@@ -1,0 +1,67 @@
+"""Shared fixtures: a small synthetic dataset, tiny model configs, and a runner for `tfx`.
+
+The environment is fixed before torch, deepspeed or triton are imported: CPU accelerator for
+DeepSpeed, the Triton interpreter when there is no GPU, no hub access.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from tfx.data.builders.synth import build_synth
+
+    out = tmp_path_factory.mktemp("synth")
+    build_synth(out, train=384, eval=64, per_shard=48, grid=4, image_size=32)
+    return out
+
+
+def tiny_config_yaml(synth: Path, out_dir: Path, **sections) -> str:
+    """A tiny run config as YAML text; `sections` replace whole top-level sections."""
+    import yaml
+
+    cfg = {
+        "model": {"vision": {"family": "siglip", "image_size": 32, "patch_size": 4,
+                             "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                             "intermediate_size": 64},
+                  "llm": {"family": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                          "num_kv_heads": 1, "intermediate_size": 64,
+                          "max_position_embeddings": 256},
+                  "default_visual_tokens": 16},
+        "tokens": {"mode": "random", "counts": [4, 16, 36], "probs": [0.2, 0.3, 0.5], "seed": 3},
+        "data": {"train": str(synth / "train"), "eval": str(synth / "eval"),
+                 "tokenizer": str(synth / "tokenizer.model"), "max_text_tokens": 64,
+                 "micro_batch_size": 4, "bucket_batches": 4},
+        "train": {"max_steps": 6, "output_dir": str(out_dir), "stage": "enhance", "lr": 1e-3,
+                  "llm_lr": 1e-3, "vision_lr": 1e-3, "save_every": 3, "keep_last": 3,
+                  "dist_timeout_s": 60, "trace_samples": True},
+        "deepspeed": {"config": str(ROOT / "configs/deepspeed/zero3.json"),
+                      "param_persistence_threshold": 0},
+    }
+    cfg.update(sections)
+    return yaml.safe_dump(cfg)
+
+
+def run_tfx(*args: str, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(["timeout", "-k", "10", str(timeout), sys.executable, "-m", "tfx.cli",
+                           *args], capture_output=True, text=True, env=full_env, cwd=ROOT)

@@ -1,0 +1,60 @@
+"""Projector: pooling bins equal PyTorch's adaptive pooling; one set of weights serves every N."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tfx.model.projector import TokenAdaptiveProjector, pool_grid
+
+
+def pool_by_bins(x_BTC, side, n):
+    """Independent reference: the bin formulas written out, in float64."""
+    B, _, C = x_BTC.shape
+    grid = x_BTC.double().reshape(B, side, side, C)
+    out = torch.empty(B, n, n, C, dtype=torch.float64)
+    for i in range(n):
+        r0, r1 = (i * side) // n, math.ceil((i + 1) * side / n)
+        for j in range(n):
+            c0, c1 = (j * side) // n, math.ceil((j + 1) * side / n)
+            out[:, i, j] = grid[:, r0:r1, c0:c1].mean(dim=(1, 2))
+    return out.reshape(B, n * n, C)
+
+
+@pytest.mark.parametrize("side, n", [(27, 8), (27, 12), (27, 16), (24, 16), (7, 3), (9, 9), (5, 1)])
+def test_adaptive_pool_matches_pytorch_and_bins(side, n):
+    x = torch.randn(2, side * side, 5)
+    got = pool_grid(x, (side, side), n, "adaptive")
+    ref = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(2, 5, side, side), n)
+    torch.testing.assert_close(got, ref.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(got.double(), pool_by_bins(x, side, n), rtol=1e-6, atol=1e-6)
+
+
+def test_interp_pool_shapes_and_identity():
+    x = torch.randn(1, 16 * 16, 3)
+    assert pool_grid(x, (16, 16), 6, "interp").shape == (1, 36, 3)
+    # n dividing the side needs no resize: plain average pooling, same as adaptive
+    torch.testing.assert_close(pool_grid(x, (16, 16), 4, "interp"),
+                               pool_grid(x, (16, 16), 4, "adaptive"))
+
+
+@pytest.mark.parametrize("pool", ["adaptive", "interp"])
+def test_one_projector_serves_every_count(pool):
+    torch.manual_seed(0)
+    proj = TokenAdaptiveProjector(12, 20, hidden_ratio=3.0, pool=pool, kernel="torch")
+    x = torch.randn(3, 27 * 27, 12)
+    params_before = {k: v.clone() for k, v in proj.state_dict().items()}
+    for n in range(1, 28):
+        y = proj(x, (27, 27), n)
+        assert y.shape == (3, n * n, 20)
+        assert torch.isfinite(y).all()
+    assert all(torch.equal(v, proj.state_dict()[k]) for k, v in params_before.items())
+    assert sum(p.numel() for p in proj.parameters()) == (2 * 12 + 12 * 72 + 72 + 36 * 20 + 20)
+
+
+def test_projector_param_count_matches_paper():
+    """The method notes: about 20.4M parameters at C=1152, D=3584, hidden 3C."""
+    proj = TokenAdaptiveProjector(1152, 3584, hidden_ratio=3.0)
+    total = sum(p.numel() for p in proj.parameters())
+    assert 20.3e6 < total < 20.5e6

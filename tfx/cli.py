@@ -1,0 +1,153 @@
+"""The `tfx` command: train | eval | data. The only module with process-wide side effects.
+
+A tfx error (bad config, missing data, bad checkpoint) prints one line and exits 2; anything
+else is a bug and prints its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from tfx.errors import TfxError
+
+
+def _cpu_env_defaults() -> None:
+    """Environment for CPU-only machines, set before torch/deepspeed/triton are imported."""
+    import warnings
+
+    # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; one warning per call floods logs
+    warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import torch
+
+        on_cuda = torch.cuda.is_available()
+    except ImportError:
+        on_cuda = False
+    if not on_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _run(fn) -> None:
+    try:
+        fn()
+    except TfxError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tfx train", description="Train a TokenFLEX VLM.")
+    p.add_argument("config", help="YAML config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=3e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks on this machine; >1 starts them with the deepspeed launcher")
+    p.add_argument("--master-port", type=int, default=None)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main_train_rank(argv: list[str] | None = None) -> None:
+    """One rank (under a launcher) or a single process."""
+    args = train_parser().parse_args(argv)
+
+    def go():
+        _cpu_env_defaults()
+        from tfx.config.load import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        from tfx.train.dist import ensure_launcher_env
+        from tfx.train.loop import train
+
+        ensure_launcher_env()
+        train(cfg, resume=args.resume)
+
+    _run(go)
+
+
+def cmd_train(argv: list[str]) -> None:
+    args = train_parser().parse_args(argv)
+
+    def go():
+        from tfx.config.load import load_config
+
+        load_config(args.config, args.overrides)  # fail here, before any rank starts
+        if args.nproc <= 1:
+            main_train_rank([args.config, *args.overrides] + (["--resume"] * args.resume))
+            return
+        _cpu_env_defaults()
+        from tfx.train.dist import free_port
+
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        port = args.master_port or free_port()
+        # the deepspeed launcher, run by this interpreter (works without an activated venv)
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(port),
+               "--module", "tfx.train", args.config, *args.overrides]
+        if args.resume:
+            cmd.append("--resume")
+        sys.exit(subprocess.call(cmd))
+
+    _run(go)
+
+
+def cmd_eval(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="tfx eval", description="Accuracy at each N.")
+    p.add_argument("checkpoint", help="run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--counts", required=True, help="comma list of N, e.g. 4,16,36,64")
+    p.add_argument("--data", default=None, help="eval shards (default: the run's data.eval)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default=None, help="folder for eval.json / eval.png")
+    args = p.parse_args(argv)
+
+    def go():
+        _cpu_env_defaults()
+        from tfx.eval.runner import parse_counts, run_eval
+
+        run_eval(args.checkpoint, parse_counts(args.counts), data=args.data,
+                 batch_size=args.batch_size, out=args.out)
+
+    _run(go)
+
+
+def cmd_data(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="tfx data", description="Build WebDataset shards.")
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("synth", help="the embedded default task (coloured grids)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--train", type=int, default=4096, help="training samples")
+    s.add_argument("--eval", type=int, default=512, help="held-out samples")
+    s.add_argument("--grid", type=int, default=4, help="cells per side")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    def go():
+        from tfx.data.builders.synth import build_synth
+
+        info = build_synth(args.out, train=args.train, eval=args.eval, grid=args.grid,
+                           image_size=args.image_size, seed=args.seed)
+        print(f"wrote {info['train']} train / {info['eval']} eval samples and "
+              f"{info['tokenizer']} under {args.out}")
+
+    _run(go)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: tfx {{{','.join(COMMANDS)}}} ... (tfx COMMAND --help)", file=sys.stderr)
+        sys.exit(2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Typed run configuration: one frozen dataclass per component, nested into `RunConfig`.
+
+Data flow position: YAML -> overrides -> **these dataclasses** -> validate -> run folder.
+Fields without a default are required. Units are in the field comments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tfx.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    family: str = "siglip"  # siglip | clip
+    path: str | None = None  # local HF folder; None builds from the sizes below
+    image_size: int = 224  # pixels (square)
+    patch_size: int = 16  # pixels
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+
+    @property
+    def grid_side(self) -> int:
+        """Patch-grid side length H (= W) of the encoder's output."""
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMConfig:
+    family: str = "qwen2"  # qwen2 | llama
+    path: str | None = None  # local HF folder; None builds from the sizes below
+    hidden_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 1408
+    max_position_embeddings: int = 4096  # tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProjectorConfig:
+    pool: str = "adaptive"  # adaptive (PyTorch adaptive_avg_pool2d bins) | interp (resize, then pool)
+    hidden_ratio: float = 3.0  # SwiGLU hidden width = hidden_ratio * vision width
+    kernel: str = "auto"  # auto (Triton on CUDA, PyTorch elsewhere) | triton | torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    attn_implementation: str = "auto"  # auto (flash_attention_2 if installed, else sdpa) | sdpa | eager
+    default_visual_tokens: int = 256  # N used when a caller does not say
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokensConfig:
+    mode: str = "random"  # fixed | random
+    counts: tuple[int, ...] = (64, 144, 256)  # visual tokens per image; each a perfect square
+    probs: tuple[float, ...] | None = (0.2, 0.3, 0.5)  # random mode only; must sum to 1
+    seed: int = 0  # the draw at step s is a pure function of (seed, s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train: str | tuple[str, ...]  # shard folder, brace pattern or list of .tar files
+    eval: str | tuple[str, ...] | None = None
+    tokenizer: str  # sentencepiece .model file, or a local HF tokenizer folder
+    max_text_tokens: int = 512  # text tokens per sample (image tokens excluded); longer is skipped
+    micro_batch_size: int = 8  # samples per rank per micro-step
+    bucket_batches: int = 16  # batches sorted together by length (the megabatch); 1 = no bucketing
+    max_consecutive_errors: int = 100  # bad samples in a row before the run stops
+    strict: bool = False  # raise on the first bad sample instead of skipping it
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    max_steps: int  # optimizer steps
+    output_dir: str  # run folder: config, metrics, checkpoints
+    stage: str = "instruct"  # align (projector) | enhance (all) | instruct (projector + LLM)
+    lr: float = 1e-3  # peak LR of the projector
+    llm_lr: float = 1e-5
+    vision_lr: float = 2e-6
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03  # fraction of max_steps
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of each peak LR
+    grad_accum: int = 1  # micro-steps per optimizer step
+    grad_clip: float = 1.0  # global norm; 0 disables
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1  # steps
+    save_every: int = 0  # steps; 0 saves only at the end
+    keep_last: int = 2  # checkpoints kept
+    dist_timeout_s: int = 600  # collective timeout; a hung rank fails after this long
+    trace_samples: bool = False  # each rank appends {step, n_visual, keys} to trace/rank{r}.jsonl
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedConfig:
+    config: str = "configs/deepspeed/zero3.json"  # JSON; batch, accumulation, clipping, dtype filled in
+    param_persistence_threshold: int | None = None  # overrides stage3_param_persistence_threshold
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    data: DataConfig
+    train: OptimConfig
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def validate(self) -> RunConfig:
+        """Raise ConfigError naming the key and the fix; return self for chaining."""
+        _validate_model(self.model)
+        _validate_tokens(self.tokens, self.model.vision.grid_side)
+        _validate_train(self.train, self.data)
+        side = self.model.vision.grid_side
+        dvt = self.model.default_visual_tokens
+        if not _is_valid_count(dvt, side):
+            raise ConfigError(
+                f"model.default_visual_tokens: {dvt} is not n*n with n <= {side}; "
+                f"use one of {suggest_counts(dvt, side)}")
+        return self
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _choice("model.vision.family", m.vision.family, ("siglip", "clip"))
+    _choice("model.llm.family", m.llm.family, ("qwen2", "llama"))
+    _choice("model.projector.pool", m.projector.pool, ("adaptive", "interp"))
+    _choice("model.projector.kernel", m.projector.kernel, ("auto", "triton", "torch"))
+    _choice("model.attn_implementation", m.attn_implementation,
+            ("auto", "sdpa", "eager", "flash_attention_2"))
+    if m.vision.image_size % m.vision.patch_size:
+        raise ConfigError(f"model.vision.image_size: {m.vision.image_size} is not a multiple of "
+                          f"patch_size {m.vision.patch_size}")
+    if m.projector.hidden_ratio <= 0:
+        raise ConfigError("model.projector.hidden_ratio: must be > 0")
+
+
+def _is_valid_count(n_tokens: int, side: int) -> bool:
+    n = math.isqrt(n_tokens) if n_tokens > 0 else 0
+    return n > 0 and n * n == n_tokens and n <= side
+
+
+def suggest_counts(n_tokens: int, side: int) -> str:
+    """The three valid counts nearest to `n_tokens`, for error messages."""
+    valid = sorted((k * k for k in range(1, side + 1)), key=lambda v: (abs(v - n_tokens), v))
+    return ", ".join(str(v) for v in sorted(valid[:3]))
+
+
+def _validate_tokens(t: TokensConfig, side: int) -> None:
+    _choice("tokens.mode", t.mode, ("fixed", "random"))
+    if not t.counts:
+        raise ConfigError("tokens.counts: empty; give at least one count, e.g. [64]")
+    for c in t.counts:
+        if not isinstance(c, int) or isinstance(c, bool):
+            raise ConfigError(f"tokens.counts: {c!r} is not an integer")
+        if not _is_valid_count(c, side):
+            n = math.isqrt(max(c, 0))
+            what = (f"{n}x{n} but n exceeds the vision grid side {side}" if n * n == c and n
+                    else "not n*n")
+            raise ConfigError(f"tokens.counts: {c} is {what}; use e.g. {suggest_counts(c, side)}")
+    if len(set(t.counts)) != len(t.counts):
+        raise ConfigError(f"tokens.counts: {list(t.counts)} has duplicates")
+    if t.mode == "fixed" and len(t.counts) != 1:
+        raise ConfigError(f"tokens.counts: fixed mode takes one count, got {list(t.counts)}")
+    if t.mode == "random":
+        if t.probs is None:
+            raise ConfigError("tokens.probs: random mode needs one probability per count")
+        if len(t.probs) != len(t.counts):
+            raise ConfigError(f"tokens.probs: {len(t.probs)} values for {len(t.counts)} counts")
+        if any(p < 0 for p in t.probs) or abs(sum(t.probs) - 1.0) > 1e-6:
+            raise ConfigError(f"tokens.probs: {list(t.probs)} must be >= 0 and sum to 1 "
+                              f"(they sum to {sum(t.probs):.4g})")
+
+
+def _validate_train(o: OptimConfig, d: DataConfig) -> None:
+    _choice("train.stage", o.stage, ("align", "enhance", "instruct"))
+    _choice("train.precision", o.precision, ("auto", "bf16", "fp32"))
+    for key, value in (("train.max_steps", o.max_steps), ("train.grad_accum", o.grad_accum),
+                       ("data.micro_batch_size", d.micro_batch_size),
+                       ("data.bucket_batches", d.bucket_batches),
+                       ("data.max_text_tokens", d.max_text_tokens),
+                       ("train.keep_last", o.keep_last), ("train.log_every", o.log_every),
+                       ("train.dist_timeout_s", o.dist_timeout_s)):
+        if value < 1:
+            raise ConfigError(f"{key}: {value} must be >= 1")
+    if o.save_every < 0:
+        raise ConfigError(f"train.save_every: {o.save_every} must be >= 0 (0 = only at the end)")
+    for key, value in (("train.lr", o.lr), ("train.llm_lr", o.llm_lr),
+                       ("train.vision_lr", o.vision_lr)):
+        if value < 0:
+            raise ConfigError(f"{key}: {value} must be >= 0")
+    if not 0 <= o.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio: {o.warmup_ratio} must be in [0, 1)")

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy of a checkpoint on held-out shards at several visual-token counts."""

@@ -1,0 +1,135 @@
+"""`tfx eval`: exact-match answer accuracy at each N, as a table, JSON and a PNG plot.
+
+Data flow position: checkpoint -> consolidate (fp32) -> model -> **eval at each N**.
+An answer counts as correct when the argmax at every answer position (answer tokens and the end
+token, teacher-forced) is the reference token; this equals greedy decoding of the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tfx.config.load import load_config
+from tfx.config.schema import RunConfig, suggest_counts
+from tfx.data.collate import collate
+from tfx.data.decode import SkipCounter
+from tfx.data.pipeline import read_eval_samples
+from tfx.data.tokenizer import IGNORE, load_tokenizer
+from tfx.errors import ConfigError
+from tfx.log import get_logger
+from tfx.model.loss import shifted_targets
+from tfx.model.vlm import ImageTokenIds, TokenFlexVLM
+from tfx.train import checkpoint
+
+log = get_logger(__name__)
+
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--counts: {text!r} is not a comma list of integers") from None
+
+
+def load_model(path: str | Path) -> tuple[TokenFlexVLM, RunConfig, object, str]:
+    """Model in fp32 with the checkpoint's consolidated weights; also config, tokenizer, tag."""
+    ckpt_root, tag = checkpoint.resolve(path)
+    cfg = load_config(ckpt_root / tag / "config.yaml", check_paths=False)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    ids = ImageTokenIds(tok.img_start_id, tok.img_ctx_id, tok.img_end_id)
+    model = TokenFlexVLM(cfg.model, tok.vocab_size, ids, attn_implementation="sdpa")
+    state = checkpoint.load_consolidated(ckpt_root, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise checkpoint.CheckpointError(
+            f"{ckpt_root / tag} does not match its config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}")
+    return model.eval(), cfg, tok, tag
+
+
+@torch.no_grad()
+def accuracy_at(model: TokenFlexVLM, samples, n_visual: int, tok, batch_size: int) -> dict:
+    correct: dict[str, list[int]] = {}
+    for i in range(0, len(samples), batch_size):
+        batch = collate(samples[i:i + batch_size], n_visual, tok)
+        logits = model(batch["input_ids"], batch["pixel_values"], n_visual,
+                       batch["attention_mask"])
+        targets = shifted_targets(batch["labels"])
+        hit = (logits.argmax(-1) == targets) | (targets == IGNORE)
+        for row, meta in zip(hit.all(dim=1).tolist(), batch["meta"]):
+            for kind in ("all", meta.get("type", "other")):
+                correct.setdefault(kind, []).append(int(row))
+    return {k: sum(v) / len(v) for k, v in correct.items()} | {"n": len(samples)}
+
+
+def run_eval(path: str, counts: list[int], data: str | None = None, batch_size: int = 32,
+             out: str | None = None) -> dict:
+    model, cfg, tok, tag = load_model(path)
+    side = cfg.model.vision.grid_side
+    for c in counts:
+        if int(round(c ** 0.5)) ** 2 != c or c < 1 or c > side * side:
+            raise ConfigError(f"--counts: {c} is not n*n with n <= {side}; use e.g. "
+                              f"{suggest_counts(c, side)}")
+    spec = data or cfg.data.eval
+    if spec is None:
+        raise ConfigError("no eval data: pass --data DIR or set data.eval in the config")
+    skips = SkipCounter(cfg.data.max_consecutive_errors, strict=False)
+    samples = read_eval_samples(spec, cfg, tok, skips)
+    if not samples:
+        raise ConfigError(f"eval data {spec}: no readable sample")
+    trained = set(cfg.tokens.counts)
+    results = {}
+    for c in counts:
+        results[c] = accuracy_at(model, samples, c, tok, batch_size)
+        log.info(f"N={c}: accuracy {results[c]['all']:.3f}")
+    report = {"checkpoint": str(path), "tag": tag, "trained_counts": sorted(trained),
+              "samples": len(samples), "skipped": skips.skipped,
+              "results": {str(c): r for c, r in results.items()}}
+    out_dir = Path(out) if out else Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    plot(results, trained, out_dir / "eval.png", title=f"{cfg.train.output_dir} ({tag})")
+    print(format_table(results, trained))
+    print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.png'}")
+    return report
+
+
+def format_table(results: dict[int, dict], trained: set[int]) -> str:
+    kinds = sorted({k for r in results.values() for k in r if k not in ("all", "n")})
+    head = f"| {'N':>5} | trained | {'accuracy':>8} | " + " | ".join(f"{k:>8}" for k in kinds)
+    lines = [head + " |", "|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:]) + "|"]
+    for c, r in results.items():
+        cells = " | ".join(f"{r.get(k, float('nan')):>8.3f}" for k in kinds)
+        lines.append(f"| {c:>5} | {'yes' if c in trained else 'no':>7} | {r['all']:>8.3f} | "
+                     f"{cells} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[int, dict], trained: set[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(results)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kinds = sorted({k for r in results.values() for k in r if k != "n"})
+    for kind in kinds:
+        ax.plot(xs, [results[x].get(kind, float("nan")) for x in xs], marker="o",
+                lw=2.5 if kind == "all" else 1, label=kind)
+    for x in xs:
+        if x in trained:
+            ax.axvline(x, color="grey", alpha=0.25, lw=6)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("visual tokens N at inference (shaded: trained)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,42 @@
+"""Causal LM: an HF Qwen2 or Llama model, built from sizes or loaded from a local folder.
+
+Data flow position: projector(N) -> splice -> **LLM** -> logits. Embeddings are resized to the
+tokenizer's vocabulary (which includes the image tokens).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tfx.config.schema import LLMConfig
+
+
+def resolve_attn(requested: str, on_cuda: bool) -> str:
+    """`auto` -> flash_attention_2 when the package is installed and a GPU is used, else sdpa."""
+    if requested != "auto":
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if on_cuda and is_flash_attn_2_available() else "sdpa"
+
+
+def build_llm(cfg: LLMConfig, vocab_size: int, attn_implementation: str) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "llama": (LlamaConfig, LlamaForCausalLM)}[cfg.family]
+    if cfg.path is not None:
+        model = model_cls.from_pretrained(cfg.path, attn_implementation=attn_implementation)
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+    else:
+        hf = config_cls(vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+                        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                        num_key_value_heads=cfg.num_kv_heads,
+                        intermediate_size=cfg.intermediate_size,
+                        max_position_embeddings=cfg.max_position_embeddings,
+                        tie_word_embeddings=False)
+        # _from_config (not the constructor) so HF weight init runs under deepspeed.zero.Init
+        model = model_cls._from_config(hf, attn_implementation=attn_implementation)
+    model.config.use_cache = False  # training never uses a KV cache; generate() asks for one
+    return model

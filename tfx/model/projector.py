@@ -1,0 +1,70 @@
+"""Token-adaptive projector: patch grid -> n x n pooled tokens -> LayerNorm -> SwiGLU -> Linear.
+
+Data flow position: vision -> **projector(N)** -> splice into LLM embeddings. One set of weights
+serves every N = n*n. Pooling modes: `adaptive` (PyTorch adaptive_avg_pool2d bins: start =
+floor(i*H/n), end = ceil((i+1)*H/n), overlapping when n does not divide H) and `interp` (the
+TokenFLEX team's: bilinear resize to a multiple of n, align_corners=True, then uniform pooling).
+`kernel`: `torch` here, or the fused Triton kernel (`tfx_kernels`, imported only here and only
+when used) for `adaptive` pooling on CUDA. Shape legend: B batch, T=H*W patches, C vision width,
+N tokens, D LLM width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pool_grid(x_BTC: torch.Tensor, grid_hw: tuple[int, int], n: int, mode: str) -> torch.Tensor:
+    """(B, H*W, C) -> (B, n*n, C)."""
+    B, T, C = x_BTC.shape
+    H, W = grid_hw
+    if T != H * W:
+        raise ValueError(f"{T} patch tokens do not form a {H}x{W} grid")
+    x_BCHW = x_BTC.transpose(1, 2).reshape(B, C, H, W)
+    if mode == "adaptive":
+        pooled = F.adaptive_avg_pool2d(x_BCHW, n)
+    elif mode == "interp":
+        k = max(1, math.ceil(max(H, W) / n))
+        if (H, W) != (k * n, k * n):
+            x_BCHW = F.interpolate(x_BCHW, size=(k * n, k * n), mode="bilinear",
+                                   align_corners=True)
+        pooled = F.avg_pool2d(x_BCHW, k)
+    else:
+        raise ValueError(f"unknown pool mode {mode!r}")
+    return pooled.flatten(2).transpose(1, 2)
+
+
+class TokenAdaptiveProjector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, *, hidden_ratio: float = 3.0,
+                 pool: str = "adaptive", kernel: str = "auto", eps: float = 1e-5):
+        super().__init__()
+        hidden = int(round(in_dim * hidden_ratio))
+        self.pool, self.kernel, self.hidden = pool, kernel, hidden
+        self.norm = nn.LayerNorm(in_dim, eps=eps)
+        self.gate_up = nn.Linear(in_dim, 2 * hidden)  # rows [0, hidden) gate, [hidden, 2h) up
+        self.down = nn.Linear(hidden, out_dim)
+
+    def use_triton(self, x: torch.Tensor) -> bool:
+        if self.kernel == "torch" or self.pool != "adaptive":
+            return False
+        if self.kernel == "triton":
+            return True
+        return x.is_cuda
+
+    def forward(self, x_BTC: torch.Tensor, grid_hw: tuple[int, int], n: int) -> torch.Tensor:
+        if self.use_triton(x_BTC):
+            from tfx_kernels import fused_projector
+
+            return fused_projector(x_BTC, grid_hw, n, self.norm.weight, self.norm.bias,
+                                   self.norm.eps, self.gate_up.weight, self.gate_up.bias,
+                                   self.down.weight, self.down.bias)
+        return self.reference(x_BTC, grid_hw, n)
+
+    def reference(self, x_BTC: torch.Tensor, grid_hw: tuple[int, int], n: int) -> torch.Tensor:
+        z_BNC = self.norm(pool_grid(x_BTC, grid_hw, n, self.pool))
+        gate, up = self.gate_up(z_BNC).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

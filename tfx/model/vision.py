@@ -1,0 +1,57 @@
+"""Vision tower: an HF SigLIP or CLIP vision encoder exposing its patch grid.
+
+Data flow position: collate -> **vision** -> projector(N). Output is the last hidden state as a
+(B, H*W, C) patch grid (CLIP's CLS token dropped). Shape legend: B batch, C width, H/W grid side.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tfx.config.schema import VisionConfig
+from tfx.errors import ConfigError
+
+
+def _hf_classes(family: str):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, \
+        SiglipVisionModel
+
+    return {"siglip": (SiglipVisionConfig, SiglipVisionModel),
+            "clip": (CLIPVisionConfig, CLIPVisionModel)}[family]
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        config_cls, model_cls = _hf_classes(cfg.family)
+        if cfg.path is not None:
+            self.encoder = model_cls.from_pretrained(cfg.path,
+                                                     attn_implementation=attn_implementation)
+            hf = self.encoder.config
+            if (hf.image_size, hf.patch_size) != (cfg.image_size, cfg.patch_size):
+                raise ConfigError(
+                    f"model.vision: {cfg.path} has image_size={hf.image_size}, patch_size="
+                    f"{hf.patch_size}; set model.vision.image_size/patch_size to match")
+        else:
+            hf = config_cls(hidden_size=cfg.hidden_size, image_size=cfg.image_size,
+                            patch_size=cfg.patch_size, num_hidden_layers=cfg.num_layers,
+                            num_attention_heads=cfg.num_heads,
+                            intermediate_size=cfg.intermediate_size)
+            if cfg.family == "siglip":
+                hf.vision_use_head = False  # the attention-pool head is unused: pooled below
+            self.encoder = model_cls._from_config(hf, attn_implementation=attn_implementation)
+        self.family = cfg.family
+        self.side = cfg.image_size // cfg.patch_size
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        return self.side, self.side
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def forward(self, pixel_values_BCHW: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(pixel_values=pixel_values_BCHW).last_hidden_state
+        return hidden[:, 1:] if self.family == "clip" else hidden

@@ -1,0 +1,70 @@
+"""TokenFlexVLM: vision -> projector(N) -> visual embeddings written at the image placeholders.
+
+Data flow position: collate -> **vision -> projector(N) -> splice -> LLM** -> loss. Every row
+runs the vision tower (text-only rows on a zero image, kept in the graph with weight 0) so all
+ranks call the same modules in the same order under ZeRO-3. Shape legend: B batch, T sequence,
+N visual tokens, D LLM width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tfx.config.schema import ModelConfig
+from tfx.model.llm import build_llm
+from tfx.model.projector import TokenAdaptiveProjector
+from tfx.model.vision import VisionTower
+
+
+@dataclass(frozen=True)
+class ImageTokenIds:
+    start: int
+    context: int
+    end: int
+
+
+class TokenFlexVLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image_ids: ImageTokenIds,
+                 attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.cfg, self.image_ids = cfg, image_ids
+        self.vision = VisionTower(cfg.vision, attn_implementation)
+        self.llm = build_llm(cfg.llm, vocab_size, attn_implementation)
+        self.projector = TokenAdaptiveProjector(
+            self.vision.embed_dim, self.llm.config.hidden_size,
+            hidden_ratio=cfg.projector.hidden_ratio, pool=cfg.projector.pool,
+            kernel=cfg.projector.kernel)
+
+    def visual_tokens(self, pixel_values: torch.Tensor, n_visual: int) -> torch.Tensor:
+        n = int(round(n_visual ** 0.5))
+        feats_BTC = self.vision(pixel_values)
+        return self.projector(feats_BTC, self.vision.grid_hw, n)
+
+    def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor,
+              n_visual: int) -> torch.Tensor:
+        embeds_BTD = self.llm.get_input_embeddings()(input_ids_BT)
+        pixel_values = pixel_values.to(embeds_BTD.dtype)
+        visual_BND = self.visual_tokens(pixel_values, n_visual).to(embeds_BTD.dtype)
+        slots_BT = input_ids_BT == self.image_ids.context
+        rows_with_image = slots_BT.any(dim=1)
+        found = int(slots_BT.sum())
+        expected = int(rows_with_image.sum()) * n_visual
+        if found != expected:
+            raise ValueError(f"{found} image placeholders for N={n_visual} x "
+                             f"{int(rows_with_image.sum())} images")
+        embeds_BTD = embeds_BTD.masked_scatter(slots_BT[..., None],
+                                               visual_BND[rows_with_image])
+        # Rows without an image still ran the tower: keep it in the graph with weight 0.
+        return embeds_BTD + 0.0 * visual_BND.sum()
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        embeds_BTD = self.embed(input_ids, pixel_values, n_visual)
+        out = self.llm(inputs_embeds=embeds_BTD, attention_mask=attention_mask, use_cache=False)
+        return out.logits
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"vision": self.vision, "projector": self.projector, "llm": self.llm}

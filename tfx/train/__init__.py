@@ -1,0 +1,1 @@
+"""Training: distributed set-up, DeepSpeed engine, loop, checkpoints, metrics."""
