@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (install, build data, train on 2 CPU ranks under
+# ZeRO-3, evaluate at several N) and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_COUNTS ?= 1,4,9,16,25,36,49,64
+
+.PHONY: install demo test clean
+
+$(STAMP): requirements.txt setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data/demo/info.json: $(STAMP)
+	$(BIN)/tfx data synth --out data/demo
+
+demo: $(STAMP) data/demo/info.json
+	rm -rf runs/demo
+	$(BIN)/tfx train configs/demo.yaml --nproc 2
+	$(BIN)/tfx eval runs/demo --counts $(DEMO_COUNTS)
+
+test: $(STAMP)
+	$(BIN)/pytest -q -rs
+
+clean:
+	rm -rf runs data/demo

@@ -1,0 +1,122 @@
+"""Adaptive average pooling of a (B, H*W, C) patch grid to (B, n*n, C), and its backward.
+
+Bins follow PyTorch's adaptive_avg_pool2d: start = floor(i*H/n), end = ceil((i+1)*H/n); they
+overlap when n does not divide H. Forward: one program per (output token, channel block) sums
+its window in fp32 (the largest window is a constexpr computed on the host). Backward is a
+gather ("unpool"): one program per (input patch, channel block) sums dP/count over the <= 2x2
+bins that contain it, so it needs no atomics and is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+POISON = os.environ.get("TFX_KERNEL_POISON") == "1"  # tests: fill outputs with NaN first
+
+
+def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = dtype or like.dtype
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def max_window(size: int, n: int) -> int:
+    return max(((i + 1) * size + n - 1) // n - (i * size) // n for i in range(n))
+
+
+def max_bins_per_input(size: int, n: int) -> int:
+    """Most output bins one input row lies in: i in [floor(r*n/H), ceil((r+1)*n/H))."""
+    return max(((r + 1) * n + size - 1) // size - (r * n) // size for r in range(size))
+
+
+@triton.jit
+def _pool_fwd_kernel(x_ptr, out_ptr, H, W, n, C,
+                     KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # b * n*n + i*n + j
+    b = pid // (n * n)
+    ij = pid % (n * n)
+    i = ij // n
+    j = ij % n
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    zero = offs_c * 0  # broadcast scalars into the mask (interpreter-safe)
+    r0 = (i * H) // n
+    r1 = ((i + 1) * H + n - 1) // n
+    c0 = (j * W) // n
+    c1 = ((j + 1) * W + n - 1) // n
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    base = x_ptr + b * H * W * C
+    for dr in tl.static_range(KH):
+        for dc in tl.static_range(KW):
+            r = r0 + dr
+            c = c0 + dc
+            ok = mask_c & ((zero + r) < r1) & ((zero + c) < c1)
+            acc += tl.load(base + (r * W + c) * C + offs_c, mask=ok, other=0.0).to(tl.float32)
+    count = ((r1 - r0) * (c1 - c0)).to(tl.float32)
+    tl.store(out_ptr + pid * C + offs_c, (acc / count).to(out_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def _unpool_kernel(dp_ptr, dx_ptr, H, W, n, C,
+                   KI: tl.constexpr, KJ: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # b * H*W + r*W + c
+    b = pid // (H * W)
+    rc = pid % (H * W)
+    r = rc // W
+    c = rc % W
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    zero = offs_c * 0
+    i0 = (r * n) // H
+    i1 = ((r + 1) * n + H - 1) // H
+    j0 = (c * n) // W
+    j1 = ((c + 1) * n + W - 1) // W
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    base = dp_ptr + b * n * n * C
+    for di in tl.static_range(KI):
+        for dj in tl.static_range(KJ):
+            i = i0 + di
+            j = j0 + dj
+            ok = mask_c & ((zero + i) < i1) & ((zero + j) < j1)
+            rows = ((i + 1) * H + n - 1) // n - (i * H) // n
+            cols = ((j + 1) * W + n - 1) // n - (j * W) // n
+            g = tl.load(base + (i * n + j) * C + offs_c, mask=ok, other=0.0).to(tl.float32)
+            acc += g / (rows * cols).to(tl.float32)
+    tl.store(dx_ptr + pid * C + offs_c, acc.to(dx_ptr.dtype.element_ty), mask=mask_c)
+
+
+def _block_c(C: int) -> int:
+    # The interpreter pays per program: one wide block. On a GPU, 128-256 channels per program.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return triton.next_power_of_2(C)
+    return min(256, triton.next_power_of_2(C))
+
+
+def pool(x_BTC: torch.Tensor, grid_hw: tuple[int, int], n: int) -> torch.Tensor:
+    B, T, C = x_BTC.shape
+    H, W = grid_hw
+    if T != H * W or not 1 <= n <= min(H, W):
+        raise ValueError(f"cannot pool {T} tokens on a {H}x{W} grid to {n}x{n}")
+    x = x_BTC.contiguous()
+    out = new_output((B, n * n, C), x)
+    bc = _block_c(C)
+    _pool_fwd_kernel[(B * n * n, triton.cdiv(C, bc))](
+        x, out, H, W, n, C, KH=max_window(H, n), KW=max_window(W, n), BLOCK_C=bc)
+    return out
+
+
+def unpool(dp_BNC: torch.Tensor, grid_hw: tuple[int, int], n: int) -> torch.Tensor:
+    B, N, C = dp_BNC.shape
+    H, W = grid_hw
+    dp = dp_BNC.contiguous()
+    dx = new_output((B, H * W, C), dp)
+    bc = _block_c(C)
+    _unpool_kernel[(B * H * W, triton.cdiv(C, bc))](
+        dp, dx, H, W, n, C, KI=max_bins_per_input(H, n), KJ=max_bins_per_input(W, n),
+        BLOCK_C=bc)
+    return dx

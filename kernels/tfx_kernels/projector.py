@@ -1,0 +1,58 @@
+"""The fused projector as one autograd.Function: pool -> LayerNorm -> gate/up+SwiGLU -> down.
+
+Saved for backward: the pooled input P (B, N, C) and the pre-activations [G | U]; not the
+hidden product H (recomputed in the dgrad epilogue) and not the patch grid X (only its shape).
+LayerNorm is recomputed from P in backward (PyTorch); the down projection and the weight
+gradients are cuBLAS GEMMs. Pooling to `adaptive` bins only; `interp` stays on PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tfx_kernels.pool import pool, unpool
+from tfx_kernels.swiglu import dgrad_swiglu, gateup_swiglu
+
+
+class FusedProjectorFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BTC, grid_hw, n, ln_w, ln_b, eps, w_gu, b_gu, w_d, b_d):
+        B, _, C = x_BTC.shape
+        p_BNC = pool(x_BTC, grid_hw, n)
+        z = F.layer_norm(p_BNC, (C,), ln_w, ln_b, eps).reshape(-1, C)
+        gu, h = gateup_swiglu(z, w_gu.to(z.dtype), b_gu.to(z.dtype))
+        y = torch.addmm(b_d.to(h.dtype), h, w_d.to(h.dtype).t())
+        ctx.save_for_backward(p_BNC, gu, ln_w, ln_b, w_gu, w_d)
+        ctx.grid_hw, ctx.n, ctx.eps = grid_hw, n, eps
+        return y.reshape(B, n * n, -1)
+
+    @staticmethod
+    def backward(ctx, dy_BND):
+        p_BNC, gu, ln_w, ln_b, w_gu, w_d = ctx.saved_tensors
+        B, N, C = p_BNC.shape
+        dy = dy_BND.reshape(-1, dy_BND.shape[-1]).to(gu.dtype).contiguous()
+        dgu, h = dgrad_swiglu(dy, w_d.to(gu.dtype), gu)
+        d_wd = (dy.t() @ h).to(w_d.dtype)
+        d_bd = dy.sum(0).to(w_d.dtype)
+        with torch.enable_grad():
+            p = p_BNC.detach().requires_grad_(ctx.needs_input_grad[0])
+            lw = ln_w.detach().requires_grad_(True)
+            lb = ln_b.detach().requires_grad_(True)
+            z = F.layer_norm(p, (C,), lw, lb, ctx.eps).reshape(-1, C)
+            d_wgu = (dgu.t() @ z.detach()).to(w_gu.dtype)
+            d_bgu = dgu.sum(0).to(w_gu.dtype)
+            dz = dgu @ w_gu.to(dgu.dtype)
+            inputs = (p, lw, lb) if ctx.needs_input_grad[0] else (lw, lb)
+            grads = torch.autograd.grad(z, inputs, dz)
+        if ctx.needs_input_grad[0]:
+            dp, d_lw, d_lb = grads
+            dx = unpool(dp, ctx.grid_hw, ctx.n)
+        else:
+            (d_lw, d_lb), dx = grads, None
+        return dx, None, None, d_lw, d_lb, None, d_wgu, d_bgu, d_wd, d_bd
+
+
+def fused_projector(x_BTC, grid_hw, n, ln_w, ln_b, eps, w_gu, b_gu, w_d, b_d):
+    return FusedProjectorFn.apply(x_BTC, tuple(grid_hw), int(n), ln_w, ln_b, float(eps), w_gu,
+                                  b_gu, w_d, b_d)

@@ -1,0 +1,133 @@
+"""Triton projector kernels against a float64 PyTorch reference.
+
+Runs on the CPU through TRITON_INTERPRET=1 (set in conftest before any kernel import) at small
+shapes, and on a GPU at real shapes when one is present. Outputs are NaN-poisoned before every
+launch (TFX_KERNEL_POISON=1), so an element the kernel forgets to write fails the test.
+"""
+
+import os
+
+os.environ["TFX_KERNEL_POISON"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tfx_kernels import fused_projector, pool, reference_projector, unpool  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def ref_pool(x, side, n):
+    B, _, C = x.shape
+    return F.adaptive_avg_pool2d(x.double().transpose(1, 2).reshape(B, C, side, side),
+                                 n).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("side, n", [(27, 8), (27, 12), (27, 16), (24, 16), (7, 3), (5, 5),
+                                     (6, 1)])
+def test_pool_forward_and_unpool_match_pytorch(side, n):
+    torch.manual_seed(side * 100 + n)
+    x = torch.randn(1, side * side, 19, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    got = pool(x.detach().float(), (side, side), n)
+    ref = ref_pool(x, side, n)
+    assert not got.isnan().any()
+    assert rel_err(got, ref) < 1e-6
+    dp = torch.randn_like(ref)
+    (dx_ref,) = torch.autograd.grad(ref, x, dp)
+    dx = unpool(dp.float(), (side, side), n)
+    assert not dx.isnan().any()
+    assert rel_err(dx, dx_ref) < 1e-6
+
+
+def test_pool_catches_a_wrong_bin_boundary():
+    """The check above can fail: a pool with floor instead of ceil ends differs measurably."""
+    x = torch.randn(1, 27 * 27, 8)
+    grid = x.reshape(1, 27, 27, 8)
+    wrong = torch.stack([grid[:, (i * 27) // 8:((i + 1) * 27) // 8].mean(1) for i in range(8)], 1)
+    right = ref_pool(x, 27, 8).reshape(1, 8, 8, 8)[:, :, 0]
+    wrong = wrong.reshape(1, 8, 27, 8)[:, :, :4].mean(2)  # rows pooled with floor ends
+    assert rel_err(wrong, right.double()) > 1e-2
+
+
+def make_params(C, Hd, D, dtype):
+    g = torch.Generator().manual_seed(C * Hd + D)
+    shapes = [(C,), (C,), (2 * Hd, C), (2 * Hd,), (D, Hd), (D,)]
+    base = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    scale = [0.1, 0.1, C ** -0.5, 0.1, Hd ** -0.5, 0.1]
+    return [(b + s * torch.randn(sh, generator=g, dtype=torch.float64)).to(DEVICE)
+            .requires_grad_() for sh, b, s in zip(shapes, base, scale)]
+
+
+CASES = [(2, 9, 4, 24, 40, 20), (1, 7, 3, 16, 33, 12), (3, 6, 6, 8, 24, 17), (1, 27, 8, 12, 36, 10)]
+
+
+@pytest.mark.parametrize("B, side, n, C, Hd, D", CASES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_fused_projector_forward_and_all_gradients(B, side, n, C, Hd, D, dtype, tol):
+    torch.manual_seed(B + side + n)
+    x = torch.randn(B, side * side, C, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    params = make_params(C, Hd, D, torch.float64)
+    ln_w, ln_b, w_gu, b_gu, w_d, b_d = params
+    ref = reference_projector(x, (side, side), n, ln_w, ln_b, 1e-5, w_gu, b_gu, w_d, b_d)
+    dy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, [x, *params], dy)
+
+    xk = x.detach().to(dtype).requires_grad_()
+    pk = [p.detach().to(dtype).requires_grad_() for p in params]
+    y = fused_projector(xk, (side, side), n, pk[0], pk[1], 1e-5, *pk[2:])
+    assert y.shape == (B, n * n, D) and not y.isnan().any()
+    assert rel_err(y, ref) < tol
+    grads = torch.autograd.grad(y, [xk, *pk], dy.to(dtype))
+    names = ["x", "ln_w", "ln_b", "w_gu", "b_gu", "w_d", "b_d"]
+    for name, got, want in zip(names, grads, ref_grads):
+        assert not got.isnan().any(), name
+        assert rel_err(got, want) < tol * 3, (name, rel_err(got, want))
+
+
+def test_backward_is_deterministic_and_skips_dx_for_frozen_input():
+    x = torch.randn(2, 81, 16, device=DEVICE)
+    params = [p.detach().float().requires_grad_() for p in make_params(16, 24, 8, torch.float64)]
+    y = fused_projector(x, (9, 9), 4, params[0], params[1], 1e-5, *params[2:])
+    dy = torch.randn_like(y)
+    g1 = torch.autograd.grad(y, params, dy, retain_graph=True)
+    g2 = torch.autograd.grad(y, params, dy)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    xg = x.clone().requires_grad_()
+    y = fused_projector(xg, (9, 9), 4, params[0], params[1], 1e-5, *params[2:])
+    d1 = torch.autograd.grad(y, xg, dy, retain_graph=True)[0]
+    d2 = torch.autograd.grad(y, xg, dy)[0]
+    assert torch.equal(d1, d2)
+
+
+def test_projector_module_dispatch(monkeypatch):
+    from tfx.model.projector import TokenAdaptiveProjector
+
+    torch.manual_seed(0)
+    proj = TokenAdaptiveProjector(16, 12, hidden_ratio=2.0, kernel="triton").to(DEVICE)
+    assert proj.use_triton(torch.zeros(1, device=DEVICE))
+    assert not TokenAdaptiveProjector(16, 12, kernel="auto").use_triton(torch.zeros(1))
+    assert not TokenAdaptiveProjector(16, 12, kernel="triton", pool="interp").use_triton(
+        torch.zeros(1))
+    x = torch.randn(2, 49, 16, device=DEVICE)
+    torch.testing.assert_close(proj(x, (7, 7), 3), proj.reference(x, (7, 7), 3),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA: real shapes and bf16 run only on a GPU")
+def test_bf16_real_shape_on_gpu():
+    B, side, n, C, Hd, D = 4, 27, 16, 1152, 3456, 3584
+    x = torch.randn(B, side * side, C, device="cuda", dtype=torch.float64)
+    params = [p.detach() for p in make_params(C, Hd, D, torch.float64)]
+    ref = reference_projector(x, (side, side), n, params[0], params[1], 1e-5, *params[2:])
+    eager = reference_projector(x.bfloat16(), (side, side), n, *[p.bfloat16() for p in params[:2]],
+                                1e-5, *[p.bfloat16() for p in params[2:]])
+    y = fused_projector(x.bfloat16(), (side, side), n, *[p.bfloat16() for p in params[:2]], 1e-5,
+                        *[p.bfloat16() for p in params[2:]])
+    assert rel_err(y, ref) < max(1e-2, 1.5 * rel_err(eager, ref) + 1e-3)
