@@ -138,7 +138,28 @@ def cmd_data(argv: list[str]) -> None:
     _run(go)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
+def cmd_bench(argv: list[str]) -> None:
+    if not argv or argv[0] != "kernel":
+        print("usage: tfx bench kernel [--small] [--out DIR] [--reps K]", file=sys.stderr)
+        sys.exit(2)
+    _cpu_env_defaults()
+    import importlib.util
+
+    from tfx import __file__ as tfx_init
+
+    # the benchmark scripts live beside the kernels in the source tree (kernels/bench/)
+    script = os.path.join(os.path.dirname(os.path.dirname(tfx_init)), "kernels", "bench",
+                          "bench_projector.py")
+    if not os.path.isfile(script):
+        print(f"tfx bench: {script} not found (run from a source checkout)", file=sys.stderr)
+        sys.exit(2)
+    spec = importlib.util.spec_from_file_location("bench_projector", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv[1:])
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> None:
