@@ -11,7 +11,8 @@ setup(
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["tfx", "tfx.*"]) + find_packages("kernels"),
+    packages=find_packages(include=["tfx", "tfx.*"])
+    + find_packages("kernels", include=["tfx_kernels", "tfx_kernels.*"]),
     package_dir={"tfx_kernels": "kernels/tfx_kernels"},
     install_requires=[
         "torch>=2.4", "deepspeed>=0.16", "transformers>=5.0", "accelerate>=1.1",

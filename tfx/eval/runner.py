@@ -100,7 +100,8 @@ def run_eval(path: str, counts: list[int], data: str | None = None, batch_size: 
 def format_table(results: dict[int, dict], trained: set[int]) -> str:
     kinds = sorted({k for r in results.values() for k in r if k not in ("all", "n")})
     head = f"| {'N':>5} | trained | {'accuracy':>8} | " + " | ".join(f"{k:>8}" for k in kinds)
-    lines = [head + " |", "|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:]) + "|"]
+    head += " |"
+    lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for c, r in results.items():
         cells = " | ".join(f"{r.get(k, float('nan')):>8.3f}" for k in kinds)
         lines.append(f"| {c:>5} | {'yes' if c in trained else 'no':>7} | {r['all']:>8.3f} | "
