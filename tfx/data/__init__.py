@@ -1,0 +1,1 @@
+"""Data pipeline: shards -> decode -> tokenize -> bucketing by (N, length) -> collate."""

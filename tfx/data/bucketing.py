@@ -1,0 +1,72 @@
+"""Length bucketing: groups samples of similar exact length into the batches of one step.
+
+Data flow position: tokenize -> **bucketing** -> collate. Every batch of a step has one N, so
+sorting by text length is sorting by the exact total length (text + N + 2). The bucketer takes a
+megabatch of `bucket_batches * batch_size` samples, sorts it by length, cuts it into batches and
+serves them in a seeded random order (so a step is not always the shortest batch). Its state is
+(megabatch index, batches served) plus the upstream position where the megabatch began: restoring
+re-reads that megabatch and skips the served batches, which reproduces the stream exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+
+def make_batches(samples: list, batch_size: int, sort: bool, lengths: Callable,
+                 rng: np.random.Generator) -> list[list]:
+    if sort:
+        samples = sorted(samples, key=lengths)
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    if sort:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+class LengthBucketer:
+    """Batches from `source()`; `source` is re-created from `snapshot` on restore."""
+
+    def __init__(self, *, open_source: Callable[[], Iterator], snapshot: Callable[[], dict],
+                 restore: Callable[[dict], None], batch_size: int, bucket_batches: int,
+                 seed: int, rank: int, length: Callable = lambda s: s.text_len):
+        self.open_source, self.snapshot, self.restore = open_source, snapshot, restore
+        self.batch_size, self.bucket_batches = batch_size, bucket_batches
+        self.seed, self.rank, self.length = seed, rank, length
+        self.megabatch_idx, self.served = -1, 0
+        self.start_state: dict | None = None
+        self._pending: list[list] = []
+        self._it: Iterator | None = None
+
+    def _fill(self) -> None:
+        if self._it is None:
+            self._it = self.open_source()
+        self.start_state = self.snapshot()
+        self.megabatch_idx += 1
+        self.served = 0
+        samples = [next(self._it) for _ in range(self.batch_size * self.bucket_batches)]
+        rng = np.random.default_rng([self.seed, self.rank, self.megabatch_idx, 0xB0C])
+        self._pending = make_batches(samples, self.batch_size, self.bucket_batches > 1,
+                                     self.length, rng)
+
+    def next_batch(self) -> list:
+        if not self._pending:
+            self._fill()
+        self.served += 1
+        return self._pending.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"megabatch_idx": self.megabatch_idx, "served": self.served,
+                "start_state": self.start_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending, self._it = [], None
+        if state["start_state"] is None:  # nothing was consumed yet
+            self.megabatch_idx, self.served = -1, 0
+            return
+        self.restore(state["start_state"])
+        self.megabatch_idx = state["megabatch_idx"] - 1
+        self._fill()
+        for _ in range(state["served"]):
+            self.next_batch()

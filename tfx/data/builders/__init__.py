@@ -1,0 +1,1 @@
+"""Shard builders: write WebDataset shards (image + LLaVA-style JSON conversation)."""

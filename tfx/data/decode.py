@@ -1,0 +1,98 @@
+"""Decode stage: raw WebDataset sample -> (key, RGB image, conversation turns), or skip it.
+
+Data flow position: shards -> **decode** -> tokenize -> bucketing -> collate. A bad sample
+(undecodable image, bad JSON, missing fields) is counted and skipped; too many in a row, or any
+with `data.strict=true`, raises DataError naming the shard and key.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tfx.errors import DataError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Per-family pixel normalisation (SigLIP: 0.5/0.5; CLIP: OpenAI's statistics).
+PIXEL_STATS = {
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+
+
+class SkipCounter:
+    """Counts skipped samples; raises when strict or after too many failures in a row."""
+
+    def __init__(self, max_consecutive: int, strict: bool):
+        self.max_consecutive, self.strict = max_consecutive, strict
+        self.skipped, self.in_a_row = 0, 0
+        self.last_reason = ""
+
+    def __call__(self, reason: str, key: str | None, shard: str | None) -> None:
+        where = f"{shard or '?'}:{key or '?'}"
+        if self.strict:
+            raise DataError(f"bad sample {where}: {reason} (data.strict=true)")
+        self.skipped += 1
+        self.in_a_row += 1
+        self.last_reason = f"{where}: {reason}"
+        if self.in_a_row > self.max_consecutive:
+            raise DataError(f"{self.in_a_row} bad samples in a row, last {self.last_reason}")
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = state["skipped"]
+
+
+@dataclass
+class Decoded:
+    key: str
+    image: Image.Image | None  # None for a text-only sample
+    turns: list[dict]  # [{"from": "human"|"gpt", "value": str}, ...]
+    meta: dict  # the whole JSON record (eval reads e.g. its "type")
+
+
+def decode_sample(raw: dict, on_error: SkipCounter) -> Decoded | None:
+    key, shard = raw.get("__key__"), raw.get("__shard__")
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else None
+        if not isinstance(meta, dict):
+            raise ValueError("missing or non-object json")
+        turns = meta.get("conversations")
+        if not isinstance(turns, list) or not turns or not all(
+                isinstance(t, dict) and t.get("from") in ("human", "gpt")
+                and isinstance(t.get("value"), str) for t in turns):
+            raise ValueError("conversations must be a non-empty list of {from, value}")
+        if not any(t["from"] == "gpt" for t in turns):
+            raise ValueError("no gpt turn to learn from")
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        image = None
+        if ext is not None:
+            image = Image.open(io.BytesIO(raw[ext]))
+            image.load()
+            image = image.convert("RGB")
+    except (ValueError, KeyError, OSError, UnicodeDecodeError, Image.DecompressionBombError) as e:
+        on_error(f"{type(e).__name__}: {e}", key=key, shard=shard)
+        return None
+    on_error.ok()
+    return Decoded(key=key, image=image, turns=turns, meta=meta)
+
+
+def image_to_tensor(image: Image.Image | None, size: int, family: str) -> torch.Tensor:
+    """Resize to size x size and normalise; a text-only sample gets a zero image (its features are
+    still computed on every rank so ZeRO-3 sees the same module calls, then given weight 0)."""
+    if image is None:
+        return torch.zeros(3, size, size)
+    arr = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    mean, std = PIXEL_STATS[family]
+    arr = (arr - np.array(mean, np.float32)) / np.array(std, np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

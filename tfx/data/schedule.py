@@ -1,0 +1,35 @@
+"""Token-count schedule: the number of visual tokens N used at each optimizer step.
+
+Data flow position: shards -> decode -> **N = schedule.n_at(step)** -> bucketing -> collate.
+N is a pure function of (seed, step): every rank and every micro-batch of a step agree without
+communicating, and a resumed run draws the same N it would have drawn uninterrupted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tfx.config.schema import TokensConfig
+
+
+class TokenSchedule:
+    def __init__(self, cfg: TokensConfig):
+        self.mode, self.counts, self.seed = cfg.mode, tuple(cfg.counts), cfg.seed
+        self.probs = tuple(cfg.probs) if cfg.mode == "random" else (1.0,)
+
+    def n_at(self, step: int) -> int:
+        if self.mode == "fixed":
+            return self.counts[0]
+        rng = np.random.default_rng([self.seed, step, 0x70F1E])
+        return int(self.counts[rng.choice(len(self.counts), p=self.probs)])
+
+    def mean_tokens(self) -> float:
+        return float(sum(c * p for c, p in zip(self.counts, self.probs)))
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "counts": list(self.counts), "probs": list(self.probs),
+                "seed": self.seed}
+
+    def differs_from(self, state: dict) -> bool:
+        """True when a checkpoint was made under another schedule (e.g. a new stage)."""
+        return state != self.state_dict()

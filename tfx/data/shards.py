@@ -1,0 +1,97 @@
+"""Shard listing and the per-rank raw sample stream (the first data stage).
+
+Each rank reads its own shards, `order[rank::world]` of an order re-shuffled every epoch from
+(seed, epoch), and the stream never ends: it moves to the next epoch instead, so no rank runs dry
+before another (a rank that stops early hangs ZeRO-3 collectives). The position is
+(epoch, shard index, sample index) and is restored without reading the skipped shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from tfx.errors import ConfigError, DataError
+
+
+def expand_shards(spec: str | tuple[str, ...] | list[str], key: str = "data") -> list[str]:
+    """A folder (its *.tar), a brace pattern (`a-{000..009}.tar`), a glob, or a list of those."""
+    from braceexpand import braceexpand
+
+    items = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, "*.tar")))
+            if not found:
+                raise ConfigError(f"{key}: folder {item} holds no .tar shards")
+            urls += found
+            continue
+        for url in braceexpand(item):
+            matches = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
+            if not matches or not all(os.path.isfile(m) for m in matches):
+                raise ConfigError(f"{key}: shard {url} not found")
+            urls += matches
+    return urls
+
+
+def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's shard permutation; identical on every rank."""
+    return np.random.default_rng([seed, epoch, 7]).permutation(n_shards).tolist()
+
+
+def iter_tar(path: str, on_error) -> Iterator[dict]:
+    """WebDataset samples of one shard; tar damage is reported through `on_error`, not raised."""
+    import webdataset as wds
+
+    def handler(exn: Exception) -> bool:
+        on_error(f"{path}: damaged tar ({type(exn).__name__}: {exn})", key=None, shard=path)
+        return True  # keep going with whatever members are still readable
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples(handler=handler))
+    for sample in pipeline:
+        sample["__shard__"] = path
+        yield sample
+
+
+class ShardStream:
+    """Endless raw samples of one rank, with an exactly restorable position."""
+
+    def __init__(self, urls: list[str], *, rank: int, world: int, seed: int, on_error):
+        if len(urls) < world:
+            raise DataError(f"{len(urls)} shards for {world} ranks: every rank needs at least one "
+                            "shard; write more, smaller shards")
+        self.urls, self.rank, self.world, self.seed = urls, rank, world, seed
+        self.on_error = on_error
+        self.epoch, self.shard_idx, self.sample_idx = 0, 0, 0
+
+    def my_shards(self, epoch: int) -> list[str]:
+        order = shard_order(len(self.urls), self.seed, epoch)
+        return [self.urls[i] for i in order[self.rank::self.world]]
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            shards = self.my_shards(self.epoch)
+            got_any = False
+            while self.shard_idx < len(shards):
+                skip = self.sample_idx
+                for i, sample in enumerate(iter_tar(shards[self.shard_idx], self.on_error)):
+                    got_any = True
+                    if i < skip:
+                        continue
+                    self.sample_idx = i + 1
+                    yield sample
+                self.shard_idx, self.sample_idx = self.shard_idx + 1, 0
+            if not got_any and self.shard_idx == len(shards):
+                raise DataError(f"rank {self.rank}: its shards {shards} hold no readable sample")
+            self.epoch, self.shard_idx, self.sample_idx = self.epoch + 1, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "shard_idx": self.shard_idx, "sample_idx": self.sample_idx}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.shard_idx = state["epoch"], state["shard_idx"]
+        self.sample_idx = state["sample_idx"]
