@@ -52,8 +52,8 @@ def run_step(engine, stream: TrainStream, step: int, n_visual: int, cfg: RunConf
                                 "keys": [k for b in batches for k in b["keys"]]}) + "\n")
     local = [sum(supervised_count(b["labels"]) for b in batches),
              sum(b["real_tokens"] for b in batches), sum(b["padded_tokens"] for b in batches),
-             float(len(batches) * cfg.data.micro_batch_size)]
-    global_count, real, padded, images = all_reduce_sum(local)
+             float(len(batches) * cfg.data.micro_batch_size), float(stream.skips.skipped)]
+    global_count, real, padded, images, skipped = all_reduce_sum(local)
     world, gas = world_size(), cfg.train.grad_accum
     loss_sum = 0.0
     for b in batches:
@@ -66,7 +66,7 @@ def run_step(engine, stream: TrainStream, step: int, n_visual: int, cfg: RunConf
         loss_sum += float(summed.detach())
     (total_loss,) = all_reduce_sum([loss_sum])
     return {"loss": total_loss / max(global_count, 1), "real": real, "padded": padded,
-            "images": images}
+            "images": images, "skipped": int(skipped)}
 
 
 def train(cfg: RunConfig, resume: bool = False) -> Path:
@@ -102,7 +102,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         stats = run_step(engine, stream, step, n_visual, cfg, device)
         dt = time.perf_counter() - t0
         visual_tokens += stats["images"] * n_visual
-        (skipped,) = all_reduce_sum([float(stream.skips.skipped)])
+        skipped = stats["skipped"]  # all ranks, summed with the step's token counts
         row = {"step": step + 1, "loss": stats["loss"], "n_visual": n_visual,
                "grad_norm": _float(engine.get_global_grad_norm()),
                "lr": scheduler.get_last_lr()[0], "tokens_per_s": stats["real"] / dt,
