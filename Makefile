@@ -17,7 +17,8 @@ $(STAMP): requirements.txt setup.py
 
 install: $(STAMP)
 
-data/demo/info.json: $(STAMP)
+data/demo/info.json: $(STAMP) tfx/data/builders/synth.py
+	rm -rf data/demo
 	$(BIN)/tfx data synth --out data/demo
 
 demo: $(STAMP) data/demo/info.json

@@ -35,6 +35,33 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def mixed_len_dir(synth_dir, tmp_path_factory) -> Path:
+    """Shards with a realistic spread of lengths: 1-3 turns of 2-12 word questions and 1-6
+    word answers, on the synth images (the synth task itself has only two lengths)."""
+    import json
+    import random
+
+    import webdataset as wds
+
+    pngs = [s["png"] for s in wds.DataPipeline(
+        wds.SimpleShardList([str(synth_dir / "train" / "train-00000.tar")]),
+        wds.tarfile_to_samples())][:16]
+    words = "which color has the most cells what is marked red green blue yellow white".split()
+    rng = random.Random(0)
+    out = tmp_path_factory.mktemp("mixed")
+    with wds.ShardWriter(str(out / "mixed-%03d.tar"), maxcount=64, verbose=0) as sink:
+        for i in range(256):
+            turns = []
+            for t in range(rng.randint(1, 3)):
+                q = " ".join(rng.choices(words, k=rng.randint(2, 12)))
+                turns += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q},
+                          {"from": "gpt", "value": " ".join(rng.choices(words, k=rng.randint(1, 6)))}]
+            sink.write({"__key__": f"mixed{i:05d}", "png": pngs[i % len(pngs)],
+                        "json": json.dumps({"conversations": turns}).encode()})
+    return out
+
+
 def tiny_config_yaml(synth: Path, out_dir: Path, **sections) -> str:
     """A tiny run config as YAML text; `sections` replace whole top-level sections."""
     import yaml

@@ -49,11 +49,13 @@ def padding_fraction(stream: TrainStream, steps: int, n: int) -> float:
     return padded / (real + padded)
 
 
-def test_bucketing_reduces_padding(synth_dir, tmp_path):
+def test_bucketing_reduces_padding(synth_dir, mixed_len_dir, tmp_path):
     tok = load_tokenizer(synth_dir / "tokenizer.model")
-    plain = TrainStream(run_config(synth_dir, tmp_path, bucket_batches=1), tok, rank=0, world=1)
-    bucketed = TrainStream(run_config(synth_dir, tmp_path, bucket_batches=8), tok, rank=0,
-                           world=1)
+    train = str(mixed_len_dir)
+    plain = TrainStream(run_config(synth_dir, tmp_path, train=train, bucket_batches=1), tok,
+                        rank=0, world=1)
+    bucketed = TrainStream(run_config(synth_dir, tmp_path, train=train, bucket_batches=8), tok,
+                           rank=0, world=1)
     p_plain, p_bucket = padding_fraction(plain, 64, 16), padding_fraction(bucketed, 64, 16)
     print(f"\npadding fraction on the same stream: unbucketed {p_plain:.2%}, "
           f"bucketed {p_bucket:.2%}")
