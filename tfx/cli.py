@@ -140,7 +140,7 @@ def cmd_data(argv: list[str]) -> None:
 
 def cmd_bench(argv: list[str]) -> None:
     if not argv or argv[0] != "kernel":
-        print("usage: tfx bench kernel [--small] [--out DIR] [--reps K]", file=sys.stderr)
+        print("usage: tfx bench kernel [--small] [--out DIR] [--reps K] [--no-compile]", file=sys.stderr)
         sys.exit(2)
     _cpu_env_defaults()
     import importlib.util
