@@ -92,3 +92,15 @@ def run_tfx(*args: str, timeout: int = 240, env: dict | None = None) -> subproce
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(["timeout", "-k", "10", str(timeout), sys.executable, "-m", "tfx.cli",
                            *args], capture_output=True, text=True, env=full_env, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory, synth_dir) -> tuple[Path, Path]:
+    """(config, run folder) of a 6-step, 2-rank ZeRO-3 run of the tiny SigLIP + Qwen2 model."""
+    tmp = tmp_path_factory.mktemp("mp")
+    run = tmp / "run"
+    cfg = tmp / "run.yaml"
+    cfg.write_text(tiny_config_yaml(synth_dir, run))
+    result = run_tfx("train", str(cfg), "--nproc", "2", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cfg, run

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import run_tfx, tiny_config_yaml
+from conftest import run_tfx
 from tfx.config.schema import TokensConfig
 from tfx.data.schedule import TokenSchedule
 
@@ -22,15 +22,9 @@ def losses(run):
                                                 (run / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, synth_dir):
-    tmp = tmp_path_factory.mktemp("mp")
-    run = tmp / "run"
-    cfg = tmp / "run.yaml"
-    cfg.write_text(tiny_config_yaml(synth_dir, run))
-    result = run_tfx("train", str(cfg), "--nproc", "2", timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return cfg, run
+@pytest.fixture
+def trained(two_rank_run):
+    return two_rank_run
 
 
 def test_zero3_shards_parameters(trained):

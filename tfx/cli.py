@@ -140,7 +140,8 @@ def cmd_data(argv: list[str]) -> None:
 
 def cmd_bench(argv: list[str]) -> None:
     if not argv or argv[0] != "kernel":
-        print("usage: tfx bench kernel [--small] [--out DIR] [--reps K] [--no-compile]", file=sys.stderr)
+        print("usage: tfx bench kernel [--small] [--out DIR] [--reps K] [--no-compile]",
+              file=sys.stderr)
         sys.exit(2)
     _cpu_env_defaults()
     import importlib.util
@@ -159,7 +160,50 @@ def cmd_bench(argv: list[str]) -> None:
     module.main(argv[1:])
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "bench": cmd_bench}
+def cmd_convert(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="tfx convert",
+                                description="DeepSpeed checkpoint -> Hugging Face folder.")
+    p.add_argument("checkpoint", help="run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("out", help="folder to write (replaced only with --force)")
+    p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
+    p.add_argument("--config", default=None,
+                   help="model config to use instead of the one saved with the checkpoint")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    args = p.parse_args(argv)
+
+    def go():
+        _cpu_env_defaults()
+        from tfx.export.convert import convert
+
+        convert(args.checkpoint, args.out, dtype=args.dtype, config=args.config,
+                max_shard_size=args.max_shard_size, force=args.force)
+
+    _run(go)
+
+
+def cmd_generate(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="tfx generate", description="Answer about an image at N.")
+    p.add_argument("--model", required=True, help="exported folder, run or checkpoint folder")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--visual-tokens", default=None,
+                   help="N, or a comma list to compare (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    args = p.parse_args(argv)
+
+    def go():
+        _cpu_env_defaults()
+        from tfx.export.generate import parse_visual_tokens, run_generate
+
+        counts = parse_visual_tokens(args.visual_tokens) if args.visual_tokens else []
+        run_generate(args.model, args.image, args.prompt, counts, args.max_new_tokens)
+
+    _run(go)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "bench": cmd_bench,
+            "convert": cmd_convert, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> None:

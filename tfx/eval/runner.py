@@ -34,19 +34,29 @@ def parse_counts(text: str) -> list[int]:
         raise ConfigError(f"--counts: {text!r} is not a comma list of integers") from None
 
 
-def load_model(path: str | Path) -> tuple[TokenFlexVLM, RunConfig, object, str]:
-    """Model in fp32 with the checkpoint's consolidated weights; also config, tokenizer, tag."""
+def load_model(path: str | Path, config: str | Path | None = None
+               ) -> tuple[TokenFlexVLM, RunConfig, object, str]:
+    """Model in fp32 with the checkpoint's consolidated weights; also config, tokenizer, tag.
+    `config` replaces the config saved with the checkpoint (it must describe the same model)."""
     ckpt_root, tag = checkpoint.resolve(path)
-    cfg = load_config(ckpt_root / tag / "config.yaml", check_paths=False)
+    cfg = load_config(config or ckpt_root / tag / "config.yaml", check_paths=False)
+    if not Path(cfg.data.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} (from the checkpoint's config) "
+                          f"does not exist")
     tok = load_tokenizer(cfg.data.tokenizer)
     ids = ImageTokenIds(tok.img_start_id, tok.img_ctx_id, tok.img_end_id)
     model = TokenFlexVLM(cfg.model, tok.vocab_size, ids, attn_implementation="sdpa")
     state = checkpoint.load_consolidated(ckpt_root, tag)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e))
+        raise checkpoint.CheckpointError(
+            f"{ckpt_root / tag} was trained with a different model config: {first}") from None
     if missing or unexpected:
         raise checkpoint.CheckpointError(
-            f"{ckpt_root / tag} does not match its config: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}")
+            f"{ckpt_root / tag} was trained with a different model config: missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval(), cfg, tok, tag
 
 

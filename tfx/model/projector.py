@@ -4,8 +4,9 @@ Data flow position: vision -> **projector(N)** -> splice into LLM embeddings. On
 serves every N = n*n. Pooling modes: `adaptive` (PyTorch adaptive_avg_pool2d bins: start =
 floor(i*H/n), end = ceil((i+1)*H/n), overlapping when n does not divide H) and `interp` (the
 TokenFLEX team's: bilinear resize to a multiple of n, align_corners=True, then uniform pooling).
-`kernel`: `torch` here, or the fused Triton kernel (`tfx_kernels`, imported only here and only
-when used) for `adaptive` pooling on CUDA. Shape legend: B batch, T=H*W patches, C vision width,
+`kernel`: `torch` here, or the fused Triton kernel (`tfx_kernels`, optional) for `adaptive`
+pooling; `auto` takes it on CUDA when installed. Only torch is needed otherwise: `tfx convert`
+copies this file into exported models. Shape legend: B batch, T=H*W patches, C vision width,
 N tokens, D LLM width.
 """
 
@@ -16,6 +17,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _fused_kernel():
+    """The Triton projector, or None. Imported on first use only (it pulls in triton); exported
+    models run without it."""
+    try:
+        from tfx_kernels import fused_projector
+    except ImportError:
+        return None
+    return fused_projector
 
 
 def pool_grid(x_BTC: torch.Tensor, grid_hw: tuple[int, int], n: int, mode: str) -> torch.Tensor:
@@ -40,9 +51,10 @@ def pool_grid(x_BTC: torch.Tensor, grid_hw: tuple[int, int], n: int, mode: str) 
 
 class TokenAdaptiveProjector(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, *, hidden_ratio: float = 3.0,
-                 pool: str = "adaptive", kernel: str = "auto", eps: float = 1e-5):
+                 hidden: int | None = None, pool: str = "adaptive", kernel: str = "auto",
+                 eps: float = 1e-5):
         super().__init__()
-        hidden = int(round(in_dim * hidden_ratio))
+        hidden = hidden or int(round(in_dim * hidden_ratio))
         self.pool, self.kernel, self.hidden = pool, kernel, hidden
         self.norm = nn.LayerNorm(in_dim, eps=eps)
         self.gate_up = nn.Linear(in_dim, 2 * hidden)  # rows [0, hidden) gate, [hidden, 2h) up
@@ -53,12 +65,13 @@ class TokenAdaptiveProjector(nn.Module):
             return False
         if self.kernel == "triton":
             return True
-        return x.is_cuda
+        return x.is_cuda and _fused_kernel() is not None
 
     def forward(self, x_BTC: torch.Tensor, grid_hw: tuple[int, int], n: int) -> torch.Tensor:
         if self.use_triton(x_BTC):
-            from tfx_kernels import fused_projector
-
+            fused_projector = _fused_kernel()
+            if fused_projector is None:
+                raise ImportError("projector.kernel=triton needs tfx_kernels (pip install tfx-vlm)")
             return fused_projector(x_BTC, grid_hw, n, self.norm.weight, self.norm.bias,
                                    self.norm.eps, self.gate_up.weight, self.gate_up.bias,
                                    self.down.weight, self.down.bias)

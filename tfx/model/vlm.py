@@ -15,6 +15,7 @@ from torch import nn
 
 from tfx.config.schema import ModelConfig
 from tfx.model.llm import build_llm
+from tfx.model.modeling_tokenflex import splice_visual
 from tfx.model.projector import TokenAdaptiveProjector
 from tfx.model.vision import VisionTower
 
@@ -48,15 +49,7 @@ class TokenFlexVLM(nn.Module):
         embeds_BTD = self.llm.get_input_embeddings()(input_ids_BT)
         pixel_values = pixel_values.to(embeds_BTD.dtype)
         visual_BND = self.visual_tokens(pixel_values, n_visual).to(embeds_BTD.dtype)
-        slots_BT = input_ids_BT == self.image_ids.context
-        rows_with_image = slots_BT.any(dim=1)
-        found = int(slots_BT.sum())
-        expected = int(rows_with_image.sum()) * n_visual
-        if found != expected:
-            raise ValueError(f"{found} image placeholders for N={n_visual} x "
-                             f"{int(rows_with_image.sum())} images")
-        embeds_BTD = embeds_BTD.masked_scatter(slots_BT[..., None],
-                                               visual_BND[rows_with_image])
+        embeds_BTD = splice_visual(embeds_BTD, input_ids_BT, visual_BND, self.image_ids.context)
         # Rows without an image still ran the tower: keep it in the graph with weight 0.
         return embeds_BTD + 0.0 * visual_BND.sum()
 

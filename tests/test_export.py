@@ -1,0 +1,171 @@
+"""`tfx convert` and `tfx generate`: parity with the training model in a fresh process that never
+imports tfx, both vision and both LLM families, sharded and bf16 export, processor = training
+tokenisation, and one-line errors that leave OUT untouched."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_tfx, tiny_config_yaml
+from tfx.data.collate import collate
+from tfx.data.decode import SkipCounter
+from tfx.data.pipeline import read_eval_samples
+from tfx.eval.runner import load_model
+
+pytestmark = pytest.mark.multiproc
+
+# Runs in a fresh interpreter: plain transformers, the exported folder's own code, no tfx.
+FRESH = """
+import sys, torch
+from transformers import AutoModelForImageTextToText
+folder, inputs, out = sys.argv[1:]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+batches = torch.load(inputs)
+with torch.no_grad():
+    logits = {n: model(num_visual_tokens=n, **b).logits for n, b in batches.items()}
+torch.save({"logits": logits, "dtype": str(model.dtype),
+            "tfx_loaded": any(m == "tfx" or m.startswith("tfx.") for m in sys.modules)}, out)
+"""
+
+
+def parity(run, out, tmp_path, counts=(4, 16, 36), atol=1e-5):
+    model, cfg, tok, _ = load_model(run)
+    samples = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))[:6]
+    batches, expected = {}, {}
+    for n in counts:
+        b = collate(samples, n, tok)
+        batches[n] = {k: b[k] for k in ("input_ids", "pixel_values", "attention_mask")}
+        with torch.no_grad():
+            expected[n] = model(b["input_ids"], b["pixel_values"], n, b["attention_mask"])
+    torch.save(batches, tmp_path / "inputs.pt")
+    proc = subprocess.run(["timeout", "120", sys.executable, "-c", FRESH, str(out),
+                           str(tmp_path / "inputs.pt"), str(tmp_path / "logits.pt")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "logits.pt")
+    assert not got["tfx_loaded"]
+    for n in counts:
+        mask = batches[n]["attention_mask"].bool()
+        diff = (got["logits"][n].float() - expected[n])[mask].abs().max().item()
+        assert diff <= atol, (n, diff)
+    return got
+
+
+def test_export_parity_fresh_process_siglip_qwen2(two_rank_run, tmp_path):
+    _, run = two_rank_run
+    out = tmp_path / "hf"
+    result = run_tfx("convert", str(run), str(out), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "tokenflex" and config["pool"] == "adaptive"
+    assert config["vision_config"]["model_type"] == "siglip_vision_model"
+    assert config["text_config"]["model_type"] == "qwen2"
+    assert config["num_visual_tokens"] == 16 and config["max_visual_tokens"] == 64
+    assert "AutoModelForImageTextToText" in config["auto_map"]
+    for name in ("model.safetensors", "tokenizer.model", "tokenizer_config.json",
+                 "chat_template.jinja", "processor_config.json", "modeling_tokenflex.py"):
+        assert (out / name).is_file(), name
+    parity(run, out, tmp_path)
+
+
+def test_processor_matches_training_tokenisation(two_rank_run, tmp_path):
+    from tfx.export.convert import processor_for
+
+    _, run = two_rank_run
+    _, cfg, tok, _ = load_model(run)
+    processor = processor_for(cfg, tok)
+    sample = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))[0]
+    question = sample.meta["conversations"][0]["value"].replace("<image>\n", "")
+    for n in (1, 16, 49):
+        row = collate([sample], n, tok)["input_ids"][0].tolist()
+        prompt = processor.prompt_ids(question, n)
+        assert row[:len(prompt)] == prompt  # the answer follows in training
+    # the saved tokenizer, loaded by plain transformers, gives the same ids
+    processor.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = reloaded.apply_chat_template([{"role": "user", "content": "<image>\n" + question}],
+                                        tokenize=False, add_generation_prompt=True)
+    assert reloaded(text, add_special_tokens=False)["input_ids"] == tok.encode_prompt(
+        "<image>\n" + question)
+
+
+def test_clip_llama_round_trip_sharded_and_bf16(synth_dir, tmp_path):
+    raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
+    raw["model"]["vision"].update(family="clip")
+    raw["model"]["llm"].update(family="llama")
+    raw["train"].update(max_steps=2, save_every=2)
+    cfg = tmp_path / "clip_llama.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    result = run_tfx("train", str(cfg), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "hf"
+    result = run_tfx("convert", str(tmp_path / "run"), str(out), "--max-shard-size", "100KB",
+                     timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    assert (out / "model.safetensors.index.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "clip_vision_model"
+    assert config["text_config"]["model_type"] == "llama"
+    parity(tmp_path / "run", out, tmp_path, counts=(1, 9, 64))
+    bf16 = tmp_path / "hf16"
+    result = run_tfx("convert", str(tmp_path / "run"), str(bf16), "--dtype", "bf16",
+                     timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = parity(tmp_path / "run", bf16, tmp_path, counts=(16,), atol=0.1)
+    assert got["dtype"] == "torch.bfloat16"
+
+
+def test_generate_answers_at_several_counts(two_rank_run, tmp_path):
+    import webdataset as wds
+
+    cfg, run = two_rank_run
+    eval_spec = yaml.safe_load(cfg.read_text())["data"]["eval"]
+    first = next(iter(wds.WebDataset(f"{eval_spec}/eval-00000.tar", shardshuffle=False)))
+    image = tmp_path / "q.png"
+    image.write_bytes(first["png"])
+    question = json.loads(first["json"])["conversations"][0]["value"].replace("<image>\n", "")
+    result = run_tfx("generate", "--model", str(run), "--image", str(image), "--prompt",
+                     question, "--visual-tokens", "4,16,36", "--max-new-tokens", "4",
+                     timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("N=")]
+    assert [ln.split("|")[0].strip() for ln in lines] == ["N=4", "N=16", "N=36"]
+    bad = run_tfx("generate", "--model", str(run), "--image", str(image), "--prompt", question,
+                  "--visual-tokens", "4,20", timeout=180)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("ConfigError: --visual-tokens")
+
+
+def test_errors_are_one_line_and_leave_out_untouched(two_rank_run, synth_dir, tmp_path):
+    _, run = two_rank_run
+    other = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "x"))
+    other["model"]["llm"]["hidden_size"] = 48
+    other_cfg = tmp_path / "other.yaml"
+    other_cfg.write_text(yaml.safe_dump(other))
+    out = tmp_path / "hf"
+    cases = [
+        (("convert", str(run), str(out), "--config", str(other_cfg)),
+         "CheckpointError:", "different model config"),
+        (("convert", str(tmp_path / "missing"), str(out)), "CheckpointError:", "no complete"),
+        (("convert", str(run), str(out), "--dtype", "fp8"), "ConfigError:", "--dtype"),
+        (("generate", "--model", str(run), "--image", str(tmp_path / "none.png"), "--prompt",
+          "q"), "ConfigError:", "--image"),
+    ]
+    for args, kind, text in cases:
+        result = run_tfx(*args, timeout=180)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and last.startswith(kind) and text in last, (args, last)
+        assert "Traceback" not in result.stderr
+        assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_tfx("convert", str(run), str(out), timeout=180)
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]

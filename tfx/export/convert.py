@@ -1,0 +1,136 @@
+"""`tfx convert CHECKPOINT OUT`: a DeepSpeed (ZeRO) checkpoint -> a Hugging Face model folder.
+
+Data flow position: checkpoint -> consolidate (DeepSpeed's zero_to_fp32) -> **HF export**.
+OUT holds config.json (`model_type: tokenflex`, nested vision and text configs, pooling mode,
+default N and its range, `auto_map`), model.safetensors (sharded above `max_shard_size`),
+tokenizer files with the image tokens and a chat template, processor_config.json, and the
+modeling code for `trust_remote_code`. Everything is written to a temporary folder beside OUT
+and renamed into place at the end, so a failure leaves OUT as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tfx.config.schema import RunConfig
+from tfx.data.decode import PIXEL_STATS
+from tfx.data.tokenizer import ASSISTANT_TAG, USER_TAG, SentencePieceChat
+from tfx.errors import CheckpointError, ConfigError
+from tfx.eval.runner import load_model
+from tfx.model.configuration_tokenflex import TokenFlexConfig
+from tfx.model.modeling_tokenflex import TokenFlexForConditionalGeneration
+from tfx.model.processing_tokenflex import TokenFlexProcessor
+from tfx.model.vlm import TokenFlexVLM
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
+REMOTE_CODE = ("configuration_tokenflex.py", "modeling_tokenflex.py", "projector.py",
+               "processing_tokenflex.py")
+AUTO_MAP = {"AutoConfig": "configuration_tokenflex.TokenFlexConfig",
+            "AutoModelForImageTextToText": "modeling_tokenflex.TokenFlexForConditionalGeneration",
+            "AutoModelForCausalLM": "modeling_tokenflex.TokenFlexForConditionalGeneration"}
+# The SentencePiece chat format of training (tfx.data.tokenizer.SentencePieceChat) as a template.
+SP_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    f"{USER_TAG}{{{{ m['content'] }}}}{ASSISTANT_TAG}"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# training module names -> exported ones
+RENAMES = (("vision.encoder.", "vision_tower."), ("llm.", "language_model."),
+           ("projector.", "projector."))
+
+
+def hf_config(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexConfig:
+    text = model.llm.config.to_dict()
+    text["use_cache"] = True  # training turns the KV cache off; generation wants it
+    side = cfg.model.vision.grid_side
+    return TokenFlexConfig(
+        vision_config=model.vision.encoder.config.to_dict(), text_config=text,
+        pool=cfg.model.projector.pool, projector_hidden_size=model.projector.hidden,
+        num_visual_tokens=cfg.model.default_visual_tokens, min_visual_tokens=1,
+        max_visual_tokens=side * side, image_token_id=tok.image_id,
+        image_start_id=tok.img_start_id, image_context_id=tok.img_ctx_id,
+        image_end_id=tok.img_end_id, bos_token_id=getattr(tok, "bos_id", None),
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+
+
+def rename_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for old, new in RENAMES:
+            if key.startswith(old):
+                out[new + key[len(old):]] = value
+                break
+        else:
+            raise CheckpointError(f"unexpected weight {key!r} in the training model")
+    return out
+
+
+def to_hf(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexForConditionalGeneration:
+    """The exported model with the training model's weights."""
+    hf = TokenFlexForConditionalGeneration(hf_config(model, cfg, tok))
+    hf.load_state_dict(rename_state(model.state_dict()), strict=True)
+    hf.generation_config.eos_token_id = tok.eos_id
+    hf.generation_config.pad_token_id = tok.pad_id
+    return hf.eval()
+
+
+def hf_tokenizer(cfg: RunConfig, tok):
+    if not isinstance(tok, SentencePieceChat):
+        return tok.tok  # a local HF tokenizer: image tokens already added, its own template
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    piece = tok.sp.id_to_piece
+    return SentencePieceBackend(
+        vocab_file=str(cfg.data.tokenizer), bos_token=piece(tok.bos_id),
+        eos_token=piece(tok.eos_id), unk_token=piece(tok.sp.unk_id()),
+        pad_token=piece(tok.pad_id), extra_special_tokens=[USER_TAG, ASSISTANT_TAG],
+        chat_template=SP_CHAT_TEMPLATE)
+
+
+def processor_for(cfg: RunConfig, tok) -> TokenFlexProcessor:
+    mean, std = PIXEL_STATS[cfg.model.vision.family]
+    return TokenFlexProcessor(
+        hf_tokenizer(cfg, tok), image_size=cfg.model.vision.image_size, image_mean=list(mean),
+        image_std=list(std), image_token_id=tok.image_id, image_start_id=tok.img_start_id,
+        image_context_id=tok.img_ctx_id, image_end_id=tok.img_end_id,
+        num_visual_tokens=cfg.model.default_visual_tokens)
+
+
+def write_folder(hf: TokenFlexForConditionalGeneration, processor: TokenFlexProcessor,
+                 folder: Path, dtype: str, max_shard_size: str) -> None:
+    hf.config.auto_map = dict(AUTO_MAP)
+    hf.to(DTYPES[dtype]).save_pretrained(str(folder), max_shard_size=max_shard_size)
+    processor.save_pretrained(folder)
+    for name in REMOTE_CODE:
+        shutil.copy2(MODEL_DIR / name, folder / name)
+
+
+def convert(src: str | Path, out: str | Path, *, dtype: str = "fp32", config: str | None = None,
+            max_shard_size: str = "2GB", force: bool = False) -> Path:
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out} exists and is not empty; pass --force to replace it")
+    model, cfg, tok, tag = load_model(src, config=config)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write_folder(to_hf(model, cfg, tok), processor_for(cfg, tok), tmp, dtype,
+                     max_shard_size)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out} ({tag}, {dtype})")
+    return out

@@ -1,0 +1,60 @@
+"""Hugging Face config of an exported TokenFLEX model (`model_type: tokenflex`).
+
+Self-contained (torch + transformers only): `tfx convert` copies this file into the exported
+folder for `trust_remote_code`, and `import tfx` registers it with the Auto classes.
+The vision and text configs are nested HF configs; `num_visual_tokens` is the default N, and
+`min_visual_tokens`..`max_visual_tokens` the allowed range (N must be a perfect square).
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class TokenFlexConfig(PreTrainedConfig):
+    model_type = "tokenflex"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    pool: str = "adaptive"
+    projector_hidden_size: int = 0  # 0: 3 x vision width
+    num_visual_tokens: int = 64
+    min_visual_tokens: int = 1
+    max_visual_tokens: int = 0  # 0: the whole patch grid
+    image_token_id: int = 0  # the <image> marker in prompts
+    image_start_id: int = 0
+    image_context_id: int = 0
+    image_end_id: int = 0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        if not self.max_visual_tokens:
+            self.max_visual_tokens = side * side
+        if not self.projector_hidden_size:
+            self.projector_hidden_size = 3 * self.vision_config.hidden_size
+
+    @property
+    def grid_side(self) -> int:
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    def check_visual_tokens(self, n_visual: int) -> int:
+        """n for a valid N, else ValueError naming the allowed values."""
+        n = math.isqrt(n_visual) if n_visual > 0 else 0
+        if n * n != n_visual or not self.min_visual_tokens <= n_visual <= self.max_visual_tokens:
+            lo, hi = math.isqrt(self.min_visual_tokens), math.isqrt(self.max_visual_tokens)
+            raise ValueError(f"num_visual_tokens={n_visual} is not valid: use n*n for n in "
+                             f"{lo}..{hi} (e.g. {', '.join(str(k * k) for k in range(lo, hi + 1)[:6])}"
+                             f", ...)")
+        return n
+
+
+__all__ = ["TokenFlexConfig"]
