@@ -169,3 +169,28 @@ def test_errors_are_one_line_and_leave_out_untouched(two_rank_run, synth_dir, tm
     result = run_tfx("convert", str(run), str(out), timeout=180)
     assert result.returncode == 2 and "--force" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_batched_generate_equals_one_by_one(two_rank_run):
+    from tfx.export.convert import processor_for, to_hf
+
+    _, run = two_rank_run
+    model, cfg, tok, _ = load_model(run)
+    hf, processor = to_hf(model, cfg, tok), processor_for(cfg, tok)
+    samples = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))
+    from PIL import Image
+
+    images = [Image.fromarray(((s.pixels.permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255)
+                              .clip(0, 255).astype("uint8")) for s in samples[:3]]
+    prompts = ["What color is the marked cell?", "Which color has the most cells?",
+               "Which color has the most cells? Answer with one word."]  # uneven: left padding
+    with torch.no_grad():
+        batch = processor(prompts, images, num_visual_tokens=16)
+        assert batch["input_ids"].shape[0] == 3 and (batch["attention_mask"] == 0).any()
+        steps = {"min_new_tokens": 4, "max_new_tokens": 4, "do_sample": False}  # no early EOS
+        together = hf.generate(**batch, **steps)
+        together = together[:, batch["input_ids"].shape[1]:].tolist()
+        for i in range(3):
+            one = processor(prompts[i], images[i], num_visual_tokens=16)
+            alone = hf.generate(**one, **steps)
+            assert alone[0, one["input_ids"].shape[1]:].tolist() == together[i]
