@@ -96,11 +96,16 @@ def run_tfx(*args: str, timeout: int = 240, env: dict | None = None) -> subproce
 
 @pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory, synth_dir) -> tuple[Path, Path]:
-    """(config, run folder) of a 6-step, 2-rank ZeRO-3 run of the tiny SigLIP + Qwen2 model."""
+    """(config, run folder) of a 6-step ZeRO-3 run of the tiny SigLIP + Qwen2 model on 2 ranks,
+    each reading through 2 DataLoader workers."""
+    import yaml
+
     tmp = tmp_path_factory.mktemp("mp")
     run = tmp / "run"
     cfg = tmp / "run.yaml"
-    cfg.write_text(tiny_config_yaml(synth_dir, run))
+    raw = yaml.safe_load(tiny_config_yaml(synth_dir, run))
+    raw["data"]["num_workers"] = 2
+    cfg.write_text(yaml.safe_dump(raw))
     result = run_tfx("train", str(cfg), "--nproc", "2", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cfg, run

@@ -14,7 +14,7 @@ from tfx.data.collate import collate
 from tfx.data.pipeline import TrainStream
 from tfx.data.shards import ShardStream, expand_shards
 from tfx.data.tokenizer import IGNORE, load_tokenizer
-from tfx.errors import DataError
+from tfx.errors import ConfigError, DataError
 
 
 def run_config(synth, tmp_path, **data) -> RunConfig:
@@ -26,19 +26,19 @@ def run_config(synth, tmp_path, **data) -> RunConfig:
 def test_every_rank_gets_its_own_shards_and_never_runs_dry(synth_dir):
     urls = expand_shards(str(synth_dir / "train"))
     for r in range(3):  # 8 shards of 48 over 3 ranks: uneven, yet every stream keeps going
-        stream = ShardStream(urls, rank=r, world=3, seed=0, on_error=print)
+        stream = ShardStream(urls, reader=r, readers=3, seed=0, on_error=print)
         it = iter(stream)
         keys = [next(it)["__key__"] for _ in range(500)]  # more than one epoch of this rank
         assert len(keys) == 500 and stream.epoch >= 1
-    first_epoch = [ShardStream(urls, rank=r, world=3, seed=0, on_error=print).my_shards(0)
+    first_epoch = [ShardStream(urls, reader=r, readers=3, seed=0, on_error=print).my_shards(0)
                    for r in range(3)]
     assert sorted(sum(first_epoch, [])) == sorted(urls)  # a partition of the shards
 
 
 def test_too_few_shards_is_a_clear_error(synth_dir):
     urls = expand_shards(str(synth_dir / "train"))[:1]
-    with pytest.raises(DataError, match="1 shards for 2 ranks"):
-        ShardStream(urls, rank=0, world=2, seed=0, on_error=print)
+    with pytest.raises(DataError, match="1 shards for 2 readers"):
+        ShardStream(urls, reader=0, readers=2, seed=0, on_error=print)
 
 
 def padding_fraction(stream: TrainStream, steps: int, n: int) -> float:
@@ -76,31 +76,52 @@ def test_restore_reproduces_the_stream_exactly(synth_dir, tmp_path):
     assert [resumed.next_batch(16)["keys"] for _ in range(17)] == keys[13:]
 
 
-def damaged_shard(path, good_pngs):
-    """Good samples mixed with each kind of damage."""
-    with tarfile.open(path, "w") as tar:
-        def add(name, data):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        conv = {"conversations": [{"from": "human", "value": "<image>\nHow many red cells "
-                                   "are there?"}, {"from": "gpt", "value": "2"}]}
-        for i, png in enumerate(good_pngs):
-            add(f"good{i}.png", png)
-            add(f"good{i}.json", json.dumps(conv).encode())
-        add("badimg.png", b"\x89PNG not really")
-        add("badimg.json", json.dumps(conv).encode())
-        add("badjson.png", good_pngs[0])
-        add("badjson.json", b"{not json")
-        add("nofield.png", good_pngs[0])
-        add("nofield.json", json.dumps({"conv": []}).encode())
-        add("long.png", good_pngs[0])
-        add("long.json", json.dumps({"conversations": [
-            {"from": "human", "value": "<image>\n" + "red " * 500},
-            {"from": "gpt", "value": "2"}]}).encode())
+def add_member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
 
-def test_bad_samples_are_skipped_and_counted(synth_dir, tmp_path):
+def conv(question="<image>\nHow many red cells are there?", answer="2"):
+    return json.dumps({"conversations": [{"from": "human", "value": question},
+                                         {"from": "gpt", "value": answer}]}).encode()
+
+
+def damaged_shards(folder, pngs) -> set[str]:
+    """a.tar: good samples (image, text-only, unicode) mixed with every kind of damage;
+    b.tar: good samples, then cut in the middle of a member. Returns the good keys."""
+    with tarfile.open(folder / "a.tar", "w") as tar:
+        for i, png in enumerate(pngs):
+            add_member(tar, f"good{i}.png", png)
+            add_member(tar, f"good{i}.json", conv())
+        add_member(tar, "goodtext.json", conv("Name a colour, no image.", "red"))
+        add_member(tar, "goodutf.png", pngs[0])
+        add_member(tar, "goodutf.json", conv("<image>\nFarbe? 颜色? цвет?", "rot 红"))
+        for key, image, meta in [
+                ("badimg", b"\x89PNG not really", conv()),
+                ("badjson", pngs[0], b"{not json"),
+                ("nofield", pngs[0], json.dumps({"conv": []}).encode()),
+                ("emptyconv", pngs[0], json.dumps({"conversations": []}).encode()),
+                ("nogpt", pngs[0], json.dumps({"conversations": [
+                    {"from": "human", "value": "<image>\nhi"}]}).encode()),
+                ("twoimages", pngs[0], conv("<image> <image> which?")),
+                ("long", pngs[0], conv("<image>\n" + "red " * 500))]:
+            add_member(tar, f"{key}.png", image)
+            add_member(tar, f"{key}.json", meta)
+    with tarfile.open(folder / "b.tar", "w") as tar:
+        for i, png in enumerate(pngs[:4]):
+            add_member(tar, f"cut{i}.png", png)
+            add_member(tar, f"cut{i}.json", conv())
+    with tarfile.open(folder / "b.tar") as tar:
+        cut_at = tar.getmember("cut3.png").offset_data + 20
+    data = (folder / "b.tar").read_bytes()
+    (folder / "b.tar").write_bytes(data[:cut_at])  # cut3 is lost mid-image
+    return ({f"good{i}" for i in range(len(pngs))} | {"goodtext", "goodutf"}
+            | {f"cut{i}" for i in range(3)})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted(synth_dir, tmp_path, workers):
     import webdataset as wds
 
     pngs = [s["png"] for s in wds.DataPipeline(
@@ -108,21 +129,60 @@ def test_bad_samples_are_skipped_and_counted(synth_dir, tmp_path):
         wds.tarfile_to_samples())][:6]
     shards = tmp_path / "bad"
     shards.mkdir()
-    damaged_shard(shards / "a.tar", pngs)
-    truncated = (shards / "a.tar").read_bytes()
-    (shards / "b.tar").write_bytes(truncated[: len(truncated) // 2])  # cut mid-member
+    good = damaged_shards(shards, pngs)
     tok = load_tokenizer(synth_dir / "tokenizer.model")
     cfg = run_config(synth_dir, tmp_path, train=str(shards), bucket_batches=1,
-                     micro_batch_size=3)
+                     micro_batch_size=1, num_workers=workers)
     stream = TrainStream(cfg, tok, rank=0, world=1)
-    keys = [k for _ in range(4) for k in stream.next_batch(4)["keys"]]
-    assert all(k.startswith("good") for k in keys)
-    assert stream.skips.skipped >= 4  # bad image, bad json, missing field, over-long, ...
-    strict = TrainStream(run_config(synth_dir, tmp_path, train=str(shards), strict=True), tok,
-                         rank=0, world=1)
-    with pytest.raises(DataError, match=r"bad sample .*a.tar:badimg"):
-        for _ in range(4):
+    batches = [stream.next_batch(4) for _ in range(30)]  # a few epochs of both shards
+    keys = {k for b in batches for k in b["keys"]}
+    assert keys == good  # every good sample used, no bad one
+    text_only = [b for b in batches if b["keys"] == ["goodtext"]][0]
+    assert not text_only["has_image"].any()
+    assert (text_only["input_ids"] == tok.img_ctx_id).sum() == 0
+    assert stream.skipped >= 8  # 7 bad samples + the cut member, at least once each
+    strict = TrainStream(run_config(synth_dir, tmp_path, train=str(shards), strict=True,
+                                    num_workers=workers, bucket_batches=1,
+                                    micro_batch_size=1), tok, rank=0, world=1)
+    with pytest.raises(DataError, match=r"^bad sample .*(a.tar:badimg|b.tar)"):
+        for _ in range(30):
             strict.next_batch(4)
+
+
+def test_workers_restore_the_stream_exactly(synth_dir, tmp_path):
+    tok = load_tokenizer(synth_dir / "tokenizer.model")
+    cfg = run_config(synth_dir, tmp_path, bucket_batches=4, num_workers=2)
+    straight = TrainStream(cfg, tok, rank=1, world=2)
+    keys = [straight.next_batch(16)["keys"] for _ in range(30)]
+    first = TrainStream(cfg, tok, rank=1, world=2)
+    for _ in range(13):  # odd: the restored loader must start at the second stream
+        first.next_batch(16)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = TrainStream(cfg, tok, rank=1, world=2)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch(16)["keys"] for _ in range(17)] == keys[13:]
+    rank0 = TrainStream(cfg, tok, rank=0, world=2)
+    other = {k for _ in range(30) for k in rank0.next_batch(16)["keys"]}
+    assert not other & {k for b in keys for k in b}  # 4 readers, disjoint shards
+
+
+def test_token_budget_batches_stay_within_budget(synth_dir, mixed_len_dir, tmp_path):
+    tok = load_tokenizer(synth_dir / "tokenizer.model")
+    budget = 64 + 36 + 2 + 200
+    cfg = run_config(synth_dir, tmp_path, train=str(mixed_len_dir), token_budget=budget,
+                     bucket_batches=8)
+    stream = TrainStream(cfg, tok, rank=0, world=1)
+    sizes = []
+    for _ in range(40):
+        b = stream.next_batch(36)  # 36 is the largest N of the tiny config
+        assert b["input_ids"].numel() <= budget
+        sizes.append(len(b["keys"]))
+    assert len(set(sizes)) > 1  # short samples in bigger batches
+
+
+def test_token_budget_too_small_is_a_config_error(synth_dir, tmp_path):
+    with pytest.raises(ConfigError, match="data.token_budget: 50 cannot hold"):
+        run_config(synth_dir, tmp_path, token_budget=50)
 
 
 def test_collate_expands_image_and_masks_labels(synth_dir, tmp_path):
@@ -136,5 +196,5 @@ def test_collate_expands_image_and_masks_labels(synth_dir, tmp_path):
         assert ((labels != IGNORE).sum(dim=1) >= 2).all()  # answer + end token
         lengths = b["attention_mask"].sum(dim=1)
         assert int(lengths.max()) == ids.shape[1]  # padded only to the batch maximum
-    one = collate(stream.bucketer.next_batch()[:1], 16, tok)
+    one = collate(stream.next_samples()[:1], 16, tok)
     assert one["padded_tokens"] == 0

@@ -73,6 +73,8 @@ class DataConfig:
     max_text_tokens: int = 512  # text tokens per sample (image tokens excluded); longer is skipped
     micro_batch_size: int = 8  # samples per rank per micro-step
     bucket_batches: int = 16  # batches sorted together by length (the megabatch); 1 = no bucketing
+    token_budget: int = 0  # >0: batches of varying size, each <= this many tokens at the largest N
+    num_workers: int = 0  # DataLoader workers per rank (0: read in the training process)
     max_consecutive_errors: int = 100  # bad samples in a row before the run stops
     strict: bool = False  # raise on the first bad sample instead of skipping it
 
@@ -125,6 +127,10 @@ class RunConfig:
             raise ConfigError(
                 f"model.default_visual_tokens: {dvt} is not n*n with n <= {side}; "
                 f"use one of {suggest_counts(dvt, side)}")
+        longest = self.data.max_text_tokens + max(self.tokens.counts) + 2
+        if 0 < self.data.token_budget < longest:
+            raise ConfigError(f"data.token_budget: {self.data.token_budget} cannot hold one sample "
+                              f"of max_text_tokens + the largest N + 2 = {longest}")
         return self
 
 
@@ -197,6 +203,9 @@ def _validate_train(o: OptimConfig, d: DataConfig) -> None:
             raise ConfigError(f"{key}: {value} must be >= 1")
     if o.save_every < 0:
         raise ConfigError(f"train.save_every: {o.save_every} must be >= 0 (0 = only at the end)")
+    for key, value in (("data.token_budget", d.token_budget), ("data.num_workers", d.num_workers)):
+        if value < 0:
+            raise ConfigError(f"{key}: {value} must be >= 0")
     for key, value in (("train.lr", o.lr), ("train.llm_lr", o.llm_lr),
                        ("train.vision_lr", o.vision_lr)):
         if value < 0:

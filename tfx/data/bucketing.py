@@ -3,7 +3,9 @@
 Data flow position: tokenize -> **bucketing** -> collate. Every batch of a step has one N, so
 sorting by text length is sorting by the exact total length (text + N + 2). The bucketer takes a
 megabatch of `bucket_batches * batch_size` samples, sorts it by length, cuts it into batches and
-serves them in a seeded random order (so a step is not always the shortest batch). Its state is
+serves them in a seeded random order (so a step is not always the shortest batch). With a token
+budget, the sorted megabatch is cut where rows x longest row would pass the budget (lengths at
+the largest N), so short samples come in large batches and long ones in small. Its state is
 (megabatch index, batches served) plus the upstream position where the megabatch began: restoring
 re-reads that megabatch and skips the served batches, which reproduces the stream exactly.
 """
@@ -15,11 +17,28 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 
+def cut_by_budget(samples: list, budget: int, lengths: Callable) -> list[list]:
+    """Consecutive (length-sorted) samples -> batches whose padded size, rows x longest row,
+    stays within `budget` tokens."""
+    batches, current, longest = [], [], 0
+    for s in samples:
+        grown = max(longest, lengths(s))
+        if current and grown * (len(current) + 1) > budget:
+            batches.append(current)
+            current, grown = [], lengths(s)
+        current.append(s)
+        longest = grown
+    return batches + [current] if current else batches
+
+
 def make_batches(samples: list, batch_size: int, sort: bool, lengths: Callable,
-                 rng: np.random.Generator) -> list[list]:
+                 rng: np.random.Generator, budget: int = 0) -> list[list]:
     if sort:
         samples = sorted(samples, key=lengths)
-    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    if budget:
+        batches = cut_by_budget(samples, budget, lengths)
+    else:
+        batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     if sort:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -30,10 +49,12 @@ class LengthBucketer:
 
     def __init__(self, *, open_source: Callable[[], Iterator], snapshot: Callable[[], dict],
                  restore: Callable[[dict], None], batch_size: int, bucket_batches: int,
-                 seed: int, rank: int, length: Callable = lambda s: s.text_len):
+                 seed: int, reader: int, length: Callable = lambda s: s.text_len,
+                 token_budget: int = 0, budget_length: Callable | None = None):
         self.open_source, self.snapshot, self.restore = open_source, snapshot, restore
         self.batch_size, self.bucket_batches = batch_size, bucket_batches
-        self.seed, self.rank, self.length = seed, rank, length
+        self.seed, self.reader, self.length = seed, reader, length
+        self.token_budget, self.budget_length = token_budget, budget_length or length
         self.megabatch_idx, self.served = -1, 0
         self.start_state: dict | None = None
         self._pending: list[list] = []
@@ -46,9 +67,13 @@ class LengthBucketer:
         self.megabatch_idx += 1
         self.served = 0
         samples = [next(self._it) for _ in range(self.batch_size * self.bucket_batches)]
-        rng = np.random.default_rng([self.seed, self.rank, self.megabatch_idx, 0xB0C])
-        self._pending = make_batches(samples, self.batch_size, self.bucket_batches > 1,
-                                     self.length, rng)
+        rng = np.random.default_rng([self.seed, self.reader, self.megabatch_idx, 0xB0C])
+        if self.token_budget:
+            self._pending = make_batches(samples, 0, True, self.budget_length, rng,
+                                         self.token_budget)
+        else:
+            self._pending = make_batches(samples, self.batch_size, self.bucket_batches > 1,
+                                         self.length, rng)
 
     def next_batch(self) -> list:
         if not self._pending:

@@ -2,12 +2,15 @@
 
 Data flow: shards (per rank, endless) -> decode -> tokenize -> bucketing -> collate(N).
 `TrainStream.next_batch(n)` is called `grad_accum` times per step with the step's N; each rank
-gets exactly as many batches as it asks for, so no rank runs dry.
+gets exactly as many batches as it asks for, so no rank runs dry. Readers (one per rank, or one
+per worker of each rank) each own a disjoint part of the shards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+
+import torch
 
 from tfx.config.schema import RunConfig
 from tfx.data.bucketing import LengthBucketer
@@ -15,6 +18,7 @@ from tfx.data.collate import TextSample, collate
 from tfx.data.decode import Decoded, SkipCounter, decode_sample, image_to_tensor
 from tfx.data.shards import ShardStream, expand_shards, iter_tar
 from tfx.data.tokenizer import IGNORE, IMAGE_TAG
+from tfx.errors import DataError
 
 
 def to_text_sample(d: Decoded, tok, image_size: int, family: str, max_text: int,
@@ -39,19 +43,21 @@ def to_text_sample(d: Decoded, tok, image_size: int, family: str, max_text: int,
                       has_image=has_image, ids=ids, labels=labels, meta=d.meta)
 
 
-class TrainStream:
-    """One rank's training batches with an exactly restorable position."""
+class ReaderStream:
+    """One reader's bucketed lists of samples, with an exactly restorable position."""
 
-    def __init__(self, cfg: RunConfig, tok, *, rank: int, world: int):
+    def __init__(self, cfg: RunConfig, tok, *, reader: int, readers: int):
         d = cfg.data
         self.cfg, self.tok = cfg, tok
         self.skips = SkipCounter(d.max_consecutive_errors, d.strict)
-        self.shards = ShardStream(expand_shards(d.train, "data.train"), rank=rank, world=world,
-                                  seed=cfg.train.seed, on_error=self.skips)
+        self.shards = ShardStream(expand_shards(d.train, "data.train"), reader=reader,
+                                  readers=readers, seed=cfg.train.seed, on_error=self.skips)
+        largest_n = max(cfg.tokens.counts)
         self.bucketer = LengthBucketer(
             open_source=self._samples, snapshot=self._snapshot, restore=self._restore,
             batch_size=d.micro_batch_size, bucket_batches=d.bucket_batches,
-            seed=cfg.train.seed, rank=rank)
+            seed=cfg.train.seed, reader=reader, token_budget=d.token_budget,
+            budget_length=lambda s: s.total_len(largest_n))
 
     def _samples(self) -> Iterator[TextSample]:
         v = self.cfg.model.vision
@@ -71,14 +77,106 @@ class TrainStream:
         self.shards.load_state_dict(state["shards"])
         self.skips.load_state_dict(state["skips"])
 
-    def next_batch(self, n_visual: int) -> dict:
-        return collate(self.bucketer.next_batch(), n_visual, self.tok)
+    def next_samples(self) -> list[TextSample]:
+        return self.bucketer.next_batch()
 
     def state_dict(self) -> dict:
         return {"bucketer": self.bucketer.state_dict(), "skipped": self.skips.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.bucketer.load_state_dict(state["bucketer"])
+        self.skips.skipped = state["skipped"]
+
+
+def _as_is(item):
+    return item
+
+
+class _WorkerBatches(torch.utils.data.IterableDataset):
+    """Inside DataLoader worker w: the reader of stream (w + offset) % W, endless."""
+
+    def __init__(self, cfg: RunConfig, tok, rank: int, world: int, states: list, offset: int):
+        super().__init__()
+        self.cfg, self.tok, self.rank, self.world = cfg, tok, rank, world
+        self.states, self.offset = states, offset
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers
+        stream = (info.id + self.offset) % workers
+        reader = ReaderStream(self.cfg, self.tok, reader=self.rank * workers + stream,
+                              readers=self.world * workers)
+        if self.states[stream] is not None:
+            reader.load_state_dict(self.states[stream])
+        while True:
+            samples = reader.next_samples()
+            yield stream, samples, reader.state_dict()
+
+
+class TrainStream:
+    """One rank's training batches at the step's N, read in-process (`data.num_workers=0`) or
+    by W DataLoader workers. Workers hand out batches round-robin, so batch c comes from stream
+    c % W; each batch carries its stream's position after it. The state is the count consumed
+    plus, per stream, the position after its last consumed batch: prefetched batches are not
+    lost, and a restored loader starts at stream c % W, so the sequence continues exactly."""
+
+    def __init__(self, cfg: RunConfig, tok, *, rank: int, world: int):
+        self.cfg, self.tok, self.rank, self.world = cfg, tok, rank, world
+        self.workers = cfg.data.num_workers
+        self.consumed = 0
+        self.states: list[dict | None] = [None] * max(self.workers, 1)
+        self.reader = None if self.workers else ReaderStream(cfg, tok, reader=rank,
+                                                             readers=world)
+        self._it = None
+        if self.workers:  # fail here, not in a worker, when there are too few shards
+            ShardStream(expand_shards(cfg.data.train, "data.train"), reader=0,
+                        readers=world * self.workers, seed=0, on_error=None)
+
+    def _loader(self):
+        dataset = _WorkerBatches(self.cfg, self.tok, self.rank, self.world, list(self.states),
+                                 self.consumed % self.workers)
+        return iter(torch.utils.data.DataLoader(dataset, batch_size=None,
+                                                num_workers=self.workers, collate_fn=_as_is,
+                                                prefetch_factor=2))
+
+    def next_samples(self) -> list[TextSample]:
+        if self.reader is not None:
+            samples = self.reader.next_samples()
+        else:
+            if self._it is None:
+                self._it = self._loader()
+            try:
+                stream, samples, state = next(self._it)
+            except DataError as e:  # re-raised from a worker with its traceback: keep the cause
+                raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) \
+                    from None
+            self.states[stream] = state
+        self.consumed += 1
+        return samples
+
+    def next_batch(self, n_visual: int) -> dict:
+        return collate(self.next_samples(), n_visual, self.tok)
+
+    @property
+    def skipped(self) -> int:
+        if self.reader is not None:
+            return self.reader.skips.skipped
+        return sum(s["skipped"] for s in self.states if s is not None)
+
+    def state_dict(self) -> dict:
+        streams = [self.reader.state_dict()] if self.reader is not None else list(self.states)
+        return {"consumed": self.consumed, "workers": self.workers, "streams": streams}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("workers", 0) != self.workers:
+            raise DataError(f"the checkpoint's data position was saved with data.num_workers="
+                            f"{state.get('workers', 0)}; resume with the same value "
+                            f"(now {self.workers})")
+        self.consumed, self._it = state["consumed"], None
+        if self.reader is not None:
+            self.reader.load_state_dict(state["streams"][0])
+        else:
+            self.states = list(state["streams"])
 
 
 def read_eval_samples(spec, cfg: RunConfig, tok, skips: SkipCounter) -> list[TextSample]:

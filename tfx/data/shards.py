@@ -1,6 +1,7 @@
 """Shard listing and the per-rank raw sample stream (the first data stage).
 
-Each rank reads its own shards, `order[rank::world]` of an order re-shuffled every epoch from
+Each reader (one per rank, or one per DataLoader worker of each rank: reader = rank * workers +
+worker) reads its own shards, `order[reader::readers]` of an order re-shuffled every epoch from
 (seed, epoch), and the stream never ends: it moves to the next epoch instead, so no rank runs dry
 before another (a rank that stops early hangs ZeRO-3 collectives). The position is
 (epoch, shard index, sample index) and is restored without reading the skipped shards.
@@ -48,6 +49,8 @@ def iter_tar(path: str, on_error) -> Iterator[dict]:
     import webdataset as wds
 
     def handler(exn: Exception) -> bool:
+        if isinstance(exn, DataError):  # strict mode's own error, back through webdataset, which
+            raise DataError(exn.args[0]) from None  # appended (stream, url) to its args
         on_error(f"{path}: damaged tar ({type(exn).__name__}: {exn})", key=None, shard=path)
         return True  # keep going with whatever members are still readable
 
@@ -58,19 +61,19 @@ def iter_tar(path: str, on_error) -> Iterator[dict]:
 
 
 class ShardStream:
-    """Endless raw samples of one rank, with an exactly restorable position."""
+    """Endless raw samples of one reader, with an exactly restorable position."""
 
-    def __init__(self, urls: list[str], *, rank: int, world: int, seed: int, on_error):
-        if len(urls) < world:
-            raise DataError(f"{len(urls)} shards for {world} ranks: every rank needs at least one "
-                            "shard; write more, smaller shards")
-        self.urls, self.rank, self.world, self.seed = urls, rank, world, seed
+    def __init__(self, urls: list[str], *, reader: int, readers: int, seed: int, on_error):
+        if len(urls) < readers:
+            raise DataError(f"{len(urls)} shards for {readers} readers (ranks x data.num_workers): "
+                            "every reader needs at least one shard; write more, smaller shards")
+        self.urls, self.reader, self.readers, self.seed = urls, reader, readers, seed
         self.on_error = on_error
         self.epoch, self.shard_idx, self.sample_idx = 0, 0, 0
 
     def my_shards(self, epoch: int) -> list[str]:
         order = shard_order(len(self.urls), self.seed, epoch)
-        return [self.urls[i] for i in order[self.rank::self.world]]
+        return [self.urls[i] for i in order[self.reader::self.readers]]
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -86,7 +89,7 @@ class ShardStream:
                     yield sample
                 self.shard_idx, self.sample_idx = self.shard_idx + 1, 0
             if not got_any and self.shard_idx == len(shards):
-                raise DataError(f"rank {self.rank}: its shards {shards} hold no readable sample")
+                raise DataError(f"reader {self.reader}: its shards {shards} hold no readable sample")
             self.epoch, self.shard_idx, self.sample_idx = self.epoch + 1, 0, 0
 
     def state_dict(self) -> dict:

@@ -52,7 +52,7 @@ def run_step(engine, stream: TrainStream, step: int, n_visual: int, cfg: RunConf
                                 "keys": [k for b in batches for k in b["keys"]]}) + "\n")
     local = [sum(supervised_count(b["labels"]) for b in batches),
              sum(b["real_tokens"] for b in batches), sum(b["padded_tokens"] for b in batches),
-             float(len(batches) * cfg.data.micro_batch_size), float(stream.skips.skipped)]
+             float(sum(len(b["keys"]) for b in batches)), float(stream.skipped)]
     global_count, real, padded, images, skipped = all_reduce_sum(local)
     world, gas = world_size(), cfg.train.grad_accum
     loss_sum = 0.0
