@@ -125,9 +125,29 @@ def cmd_data(argv: list[str]) -> None:
     s.add_argument("--grid", type=int, default=4, help="cells per side")
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
+    ll = sub.add_parser("llava", help="LLaVA JSON/JSONL + image folder -> shards + index.json")
+    ll.add_argument("--json", required=True, help="LLaVA-format JSON list or JSONL file")
+    ll.add_argument("--images", required=True, help="folder the records' image paths start in")
+    ll.add_argument("--out", required=True)
+    ll.add_argument("--tokenizer", required=True, help="for the exact lengths in index.json")
+    ll.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    ll.add_argument("--max-mb", type=float, default=1024, help="image MB per shard")
+    ll.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
 
     def go():
+        if args.what == "llava":
+            from tfx.data.builders.llava import build_llava
+
+            res = build_llava(args.json, args.images, args.out, tokenizer=args.tokenizer,
+                              max_count=args.max_count, max_bytes=int(args.max_mb * 2**20),
+                              workers=args.workers)
+            for line in res["skipped"][:20]:
+                print(f"skipped {line}", file=sys.stderr)
+            idx = res["index"]
+            print(f"wrote {idx['samples']} samples in {len(idx['shards'])} shards and "
+                  f"index.json under {args.out}; skipped {idx['skipped']}")
+            return
         from tfx.data.builders.synth import build_synth
 
         info = build_synth(args.out, train=args.train, eval=args.eval, grid=args.grid,

@@ -17,21 +17,18 @@ from tfx.data.bucketing import LengthBucketer
 from tfx.data.collate import TextSample, collate
 from tfx.data.decode import Decoded, SkipCounter, decode_sample, image_to_tensor
 from tfx.data.shards import ShardStream, expand_shards, iter_tar
-from tfx.data.tokenizer import IGNORE, IMAGE_TAG
+from tfx.data.tokenizer import IGNORE, encode_with_image
 from tfx.errors import DataError
 
 
 def to_text_sample(d: Decoded, tok, image_size: int, family: str, max_text: int,
                    skips: SkipCounter, shard: str | None = None) -> TextSample | None:
-    turns = [dict(t) for t in d.turns]
     has_image = d.image is not None
-    tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
-    if has_image and tags == 0:  # LLaVA convention: the image goes before the first question
-        turns[0]["value"] = IMAGE_TAG + "\n" + turns[0]["value"]
-    if tags > 1 or (not has_image and tags):
-        skips(f"{tags} {IMAGE_TAG} tags for {int(has_image)} image", key=d.key, shard=shard)
+    try:
+        ids, labels = encode_with_image(tok, d.turns, has_image)
+    except ValueError as e:
+        skips(str(e), key=d.key, shard=shard)
         return None
-    ids, labels = tok.encode_conversation(turns)
     if len(ids) > max_text:
         skips(f"over-long: {len(ids)} text tokens > data.max_text_tokens={max_text}",
               key=d.key, shard=shard)

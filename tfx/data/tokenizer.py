@@ -109,6 +109,18 @@ class HFChat:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
+def encode_with_image(tok, turns: list[dict], has_image: bool) -> tuple[list[int], list[int]]:
+    """Ids and labels of a conversation with at most one image marker. LLaVA convention: an
+    image without a tag goes before the first question. ValueError on a tag/image mismatch."""
+    turns = [dict(t) for t in turns]
+    tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
+    if has_image and tags == 0:
+        turns[0]["value"] = IMAGE_TAG + "\n" + turns[0]["value"]
+    if tags > 1 or (not has_image and tags):
+        raise ValueError(f"{tags} {IMAGE_TAG} tags for {int(has_image)} image")
+    return tok.encode_conversation(turns)
+
+
 def load_tokenizer(path: str | Path):
     path = Path(path)
     return HFChat(path) if path.is_dir() else SentencePieceChat(path)

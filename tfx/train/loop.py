@@ -16,6 +16,7 @@ import yaml
 
 from tfx.config.load import config_hash, dump_config, to_dict
 from tfx.config.schema import RunConfig
+from tfx.data.builders.llava import read_index
 from tfx.data.pipeline import TrainStream
 from tfx.data.schedule import TokenSchedule
 from tfx.data.tokenizer import load_tokenizer
@@ -69,6 +70,20 @@ def run_step(engine, stream: TrainStream, step: int, n_visual: int, cfg: RunConf
             "images": images, "skipped": int(skipped)}
 
 
+def log_epoch_length(cfg: RunConfig, world: int) -> None:
+    """From the shard set's index.json (`tfx data llava`), when there is one."""
+    spec = cfg.data.train
+    index = read_index(spec) if isinstance(spec, str) and Path(spec).is_dir() else None
+    if not index or not index["samples"]:
+        return
+    per_step = world * cfg.train.grad_accum * cfg.data.micro_batch_size
+    lengths = [n for s in index["shards"] for n in s["lengths"]]
+    log.info(f"train set: {index['samples']:,} samples in {len(index['shards'])} shards, "
+             f"~{index['samples'] / per_step:,.0f} steps per epoch at {per_step} samples per "
+             f"step; text tokens per sample: median {sorted(lengths)[len(lengths) // 2]}, "
+             f"max {max(lengths)}")
+
+
 def train(cfg: RunConfig, resume: bool = False) -> Path:
     out = Path(cfg.train.output_dir)
     eng.init_distributed(cfg.train.dist_timeout_s)
@@ -88,6 +103,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
          for name, total, local, tr in table}, indent=1))
     if rank() == 0:
         log_param_table(table)
+        log_epoch_length(cfg, world_size())
     schedule = TokenSchedule(cfg.tokens)
     stream = TrainStream(cfg, tok, rank=rank(), world=world_size())
     ckpt_root = out / "checkpoints"

@@ -1,0 +1,86 @@
+"""`tfx data llava`: a hand-made LLaVA JSON (multi-turn, text-only, unicode, a missing image)
+becomes shards + index.json with exact lengths, then trains and evaluates."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import run_tfx, tiny_config_yaml
+from tfx.data.builders.llava import read_index, sample_key
+from tfx.data.tokenizer import encode_with_image, load_tokenizer
+
+pytestmark = pytest.mark.multiproc
+
+
+def llava_records(images):
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(40):
+        name = f"img{i}.jpg" if i % 2 else f"sub/img{i}.png"
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (24 + i, 32, 3), dtype=np.uint8)  # uneven sizes
+        Image.fromarray(arr).save(images / name)
+        turns = [{"from": "human", "value": "<image>\nWhich color has the most cells?"},
+                 {"from": "gpt", "value": "red"}]
+        if i % 5 == 0:  # multi-turn, the image tag in the middle of the first turn
+            turns = [{"from": "human", "value": "Look: <image>\nWhat color is the marked cell?"},
+                     {"from": "gpt", "value": "blue"},
+                     {"from": "human", "value": "And which color has the most cells?"},
+                     {"from": "gpt", "value": "green"}]
+        records.append({"id": f"s.{i}", "image": name, "conversations": turns})
+    records.append({"id": "text-only", "conversations": [
+        {"from": "human", "value": "Name a color."}, {"from": "gpt", "value": "yellow"}]})
+    records.append({"id": "unicode ü", "image": "img1.jpg", "conversations": [
+        {"from": "human", "value": "Farbe? 颜色? <image>"}, {"from": "gpt", "value": "weiß"}]})
+    records.append({"id": "missing", "image": "nope.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "red"}]})
+    return records
+
+
+def test_llava_json_converts_trains_and_evaluates(synth_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    records = llava_records(images)
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "shards"
+    tokenizer = str(synth_dir / "tokenizer.model")
+    result = run_tfx("data", "llava", "--json", str(src), "--images", str(images), "--out",
+                     str(out), "--tokenizer", tokenizer, "--max-count", "8", "--workers", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped record 42 (missing)" in result.stderr
+    index = read_index(out)
+    assert index["samples"] == len(records) - 1 and index["skipped"] == 1
+    assert len(index["shards"]) == 6 and all(s["samples"] <= 8 for s in index["shards"])
+    # exact lengths: the index agrees with tokenising each record again
+    tok = load_tokenizer(tokenizer)
+    by_key = {sample_key(r, i): r for i, r in enumerate(records)}
+    for shard in index["shards"]:
+        for key, length in zip(shard["keys"], shard["lengths"]):
+            r = by_key[key]
+            assert length == len(encode_with_image(tok, r["conversations"], "image" in r)[0])
+    # and the shards hold what the records say: a text-only sample has no image member
+    import webdataset as wds
+
+    seen = {s["__key__"]: s for s in wds.WebDataset(str(out / "shard-{000000..000005}.tar"),
+                                                    shardshuffle=False)}
+    assert "jpg" not in seen[sample_key(records[40], 40)]
+    assert Image.open(io.BytesIO(seen[sample_key(records[3], 3)]["jpg"])).size == (32, 27)
+
+    raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
+    raw["data"].update(train=str(out), eval=str(out), max_text_tokens=64)
+    raw["train"].update(max_steps=4, save_every=4)
+    cfg = tmp_path / "llava.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    result = run_tfx("train", str(cfg), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train set: 42 samples in 6 shards" in result.stderr
+    result = run_tfx("eval", str(tmp_path / "run"), "--counts", "4,16", "--out",
+                     str(tmp_path / "ev"), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["samples"] == 42

@@ -1,0 +1,127 @@
+"""`tfx data llava`: LLaVA-format JSON/JSONL + an image folder -> WebDataset shards + index.json.
+
+Input records: `{"id", "image" (optional: text-only), "conversations": [{"from": "human"|"gpt",
+"value"}]}` with an optional `<image>` tag. Records are grouped into shards of at most
+`max_count` samples and `max_bytes` of image data, in input order, then the shards are written
+by a pool of processes (deterministic names `{prefix}-000000.tar`, ...). Each sample holds the
+image file's bytes (its own extension) and the record as JSON. A record whose image is missing,
+or whose conversation does not tokenise, is skipped and counted, never written.
+`index.json` lists per shard its sample count and each sample's exact text-token length (with
+the given tokenizer), so a run knows its epoch length and the length mix without decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tfx.data.decode import IMAGE_EXTS
+from tfx.errors import DataError
+
+INDEX = "index.json"
+
+
+def read_records(path: str | Path) -> list[dict]:
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not JSON or JSONL ({e})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path}: expected a list of objects")
+    return records
+
+
+def sample_key(record: dict, i: int) -> str:
+    """WebDataset splits keys at the first dot: keep ids readable but dot-free and unique."""
+    raw = str(record.get("id", i))
+    return f"{i:08d}_" + re.sub(r"[^0-9A-Za-z_-]", "_", raw)[:64]
+
+
+def plan_shards(records: list[dict], images: Path, max_count: int, max_bytes: int
+                ) -> list[list[int]]:
+    shards, current, size = [], [], 0
+    for i, record in enumerate(records):
+        name = record.get("image")
+        nbytes = (images / name).stat().st_size if name and (images / name).is_file() else 0
+        if current and (len(current) >= max_count or size + nbytes > max_bytes):
+            shards.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def write_shard(job: tuple) -> dict:
+    """One shard (in a worker process): returns its index entry and its skips."""
+    import webdataset as wds
+
+    from tfx.data.tokenizer import encode_with_image, load_tokenizer
+
+    path, indices, records, images, tokenizer = job
+    tok = load_tokenizer(tokenizer)
+    lengths, keys, skipped = [], [], []
+    with wds.TarWriter(str(path)) as sink:
+        for i, record in zip(indices, records):
+            key = sample_key(record, i)
+            name = record.get("image")
+            try:
+                turns = record["conversations"]
+                ids, _ = encode_with_image(tok, turns, has_image=bool(name))
+                sample = {"__key__": key, "json": json.dumps(record).encode()}
+                if name:
+                    ext = Path(name).suffix.lower().lstrip(".")
+                    if ext not in IMAGE_EXTS:
+                        raise ValueError(f"image {name}: extension not in {IMAGE_EXTS}")
+                    sample[ext] = (images / name).read_bytes()
+            except (KeyError, TypeError, ValueError, OSError) as e:
+                skipped.append(f"record {i} ({record.get('id')}): {type(e).__name__}: {e}")
+                continue
+            sink.write(sample)
+            lengths.append(len(ids))
+            keys.append(key)
+    return {"name": path.name, "samples": len(keys), "lengths": lengths, "keys": keys,
+            "skipped": skipped}
+
+
+def build_llava(json_path: str | Path, images: str | Path, out: str | Path, *, tokenizer: str,
+                max_count: int = 1000, max_bytes: int = 1 << 30, workers: int = 2,
+                prefix: str = "shard") -> dict:
+    images, out = Path(images), Path(out)
+    if not images.is_dir():
+        raise DataError(f"--images {images}: not a folder")
+    if not Path(tokenizer).exists():
+        raise DataError(f"--tokenizer {tokenizer}: not found")
+    records = read_records(json_path)
+    plan = plan_shards(records, images, max_count, max_bytes)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(out / f"{prefix}-{k:06d}.tar", idx, [records[i] for i in idx], images, tokenizer)
+            for k, idx in enumerate(plan)]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            entries = list(pool.map(write_shard, jobs))
+    else:
+        entries = [write_shard(job) for job in jobs]
+    skipped = [s for e in entries for s in e.pop("skipped")]
+    index = {"source": str(json_path), "tokenizer": str(tokenizer),
+             "samples": sum(e["samples"] for e in entries), "skipped": len(skipped),
+             "shards": entries}
+    write_index(out, index)
+    return {"index": index, "skipped": skipped}
+
+
+def write_index(folder: Path, index: dict) -> None:
+    tmp = folder / f".{INDEX}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(index))
+    tmp.replace(folder / INDEX)
+
+
+def read_index(folder: str | Path) -> dict | None:
+    path = Path(folder) / INDEX
+    return json.loads(path.read_text()) if path.is_file() else None
