@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_COUNTS ?= 1,4,9,16,25,36,49,64
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean debian-deps
 
 $(STAMP): requirements.txt setup.py
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,15 @@ $(STAMP): requirements.txt setup.py
 
 install: $(STAMP)
 
+# Debian packages with real data (Fashion-MNIST for `tfx data fashion-mnist` and its tests).
+FMNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+debian-deps:
+	@if [ ! -d $(FMNIST) ] && command -v apt-get >/dev/null; then \
+		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq dataset-fashion-mnist; } \
+		|| echo "could not install dataset-fashion-mnist: its tests will be skipped"; fi
+
 data/demo/info.json: $(STAMP) tfx/data/builders/synth.py
 	rm -rf data/demo
 	$(BIN)/tfx data synth --out data/demo
@@ -26,7 +35,7 @@ demo: $(STAMP) data/demo/info.json
 	$(BIN)/tfx train configs/demo.yaml --nproc 2
 	$(BIN)/tfx eval runs/demo --counts $(DEMO_COUNTS)
 
-test: $(STAMP)
+test: $(STAMP) debian-deps
 	$(BIN)/pytest -q -rs
 
 clean:

@@ -133,9 +133,28 @@ def cmd_data(argv: list[str]) -> None:
     ll.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     ll.add_argument("--max-mb", type=float, default=1024, help="image MB per shard")
     ll.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    fm = sub.add_parser("fashion-mnist", help="k x k grids of real Fashion-MNIST items (Debian)")
+    fm.add_argument("--out", required=True)
+    fm.add_argument("--source", default=None, help="folder of the IDX .gz files "
+                    "(default: Debian's /usr/share/datasets/fashion-mnist)")
+    fm.add_argument("--train", type=int, default=20000)
+    fm.add_argument("--eval", type=int, default=1000)
+    fm.add_argument("--grid", type=int, default=3, help="items per side")
+    fm.add_argument("--cell", type=int, default=28, help="pixels per item (28: original)")
+    fm.add_argument("--per-shard", type=int, default=1000)
+    fm.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     def go():
+        if args.what == "fashion-mnist":
+            from tfx.data.builders.fashion_mnist import DEBIAN_DIR, build_fashion_mnist
+
+            info = build_fashion_mnist(args.out, source=args.source or DEBIAN_DIR,
+                                       train=args.train, eval=args.eval, grid=args.grid,
+                                       cell=args.cell, per_shard=args.per_shard, seed=args.seed)
+            print(f"wrote {info['train']} train / {info['eval']} eval grids "
+                  f"({info['image_size']} px) and {info['tokenizer']} under {args.out}")
+            return
         if args.what == "llava":
             from tfx.data.builders.llava import build_llava
 

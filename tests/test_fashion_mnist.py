@@ -1,0 +1,63 @@
+"""`tfx data fashion-mnist`: real Fashion-MNIST items from Debian's package in k x k grids, the
+original train/test split kept, and every answer true to the item's real label."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from conftest import run_tfx
+from tfx.data.builders.fashion_mnist import CLASSES, DEBIAN_DIR, ORDINAL, read_split
+
+pytestmark = pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(),
+                                reason=f"{DEBIAN_DIR} missing: apt-get install "
+                                       "dataset-fashion-mnist (.ci/run does)")
+
+
+def tiles(split):
+    images, labels = read_split(Path(DEBIAN_DIR), split)
+    return {img.tobytes(): CLASSES[int(lab)] for img, lab in zip(images, labels)}
+
+
+def test_grids_keep_the_split_and_answers_match_real_labels(tmp_path):
+    out = tmp_path / "fm"
+    result = run_tfx("data", "fashion-mnist", "--out", str(out), "--train", "60", "--eval",
+                     "40", "--grid", "3", "--per-shard", "25", timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "info.json").read_text())
+    assert info["image_size"] == 84 and (out / "tokenizer.model").is_file()
+    train_tiles, test_tiles = tiles("train"), tiles("eval")
+    kinds = set()
+    for split, known in (("train", train_tiles), ("eval", test_tiles)):
+        shards = sorted(str(p) for p in (out / split).glob("*.tar"))
+        samples = list(wds.WebDataset(shards, shardshuffle=False))
+        assert len(samples) == (60 if split == "train" else 40)
+        for s in samples:
+            grid = np.asarray(Image.open(io.BytesIO(s["png"])).convert("L"))
+            cells = [grid[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28].tobytes()
+                     for r in range(3) for c in range(3)]
+            assert all(t in known for t in cells)  # real items of this split only
+            names = [known[t] for t in cells]
+            meta = json.loads(s["json"])
+            q, a = (t["value"] for t in meta["conversations"])
+            kinds.add(meta["type"])
+            if meta["type"] == "cell":
+                r, c = (ORDINAL.index(w.strip("?,")) for w in q.split() if w.strip("?,")
+                        in ORDINAL)
+                assert a == names[r * 3 + c]
+            else:
+                target = q.removeprefix("<image>\nHow many ").removesuffix(" items are there?")
+                assert a == str(names.count(target))
+    assert kinds == {"cell", "count"}
+
+
+def test_missing_source_is_one_line(tmp_path):
+    result = run_tfx("data", "fashion-mnist", "--out", str(tmp_path / "o"), "--source",
+                     str(tmp_path), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("DataError:")
+    assert "apt-get install dataset-fashion-mnist" in result.stderr
