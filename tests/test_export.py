@@ -180,8 +180,7 @@ def test_batched_generate_equals_one_by_one(two_rank_run):
     samples = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))
     from PIL import Image
 
-    images = [Image.fromarray(((s.pixels.permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255)
-                              .clip(0, 255).astype("uint8")) for s in samples[:3]]
+    images = [Image.fromarray(s.pixels.permute(1, 2, 0).numpy()) for s in samples[:3]]
     prompts = ["What color is the marked cell?", "Which color has the most cells?",
                "Which color has the most cells? Answer with one word."]  # uneven: left padding
     with torch.no_grad():

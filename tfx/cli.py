@@ -178,11 +178,17 @@ def cmd_data(argv: list[str]) -> None:
 
 
 def cmd_bench(argv: list[str]) -> None:
-    if not argv or argv[0] != "kernel":
-        print("usage: tfx bench kernel [--small] [--out DIR] [--reps K] [--no-compile]",
+    if not argv or argv[0] not in ("kernel", "data"):
+        print("usage: tfx bench kernel [--small] [--out DIR] [--reps K] [--no-compile]\n"
+              "       tfx bench data [--out DIR] [--steps K] [--samples K] [--workers 0,1,2]",
               file=sys.stderr)
         sys.exit(2)
     _cpu_env_defaults()
+    if argv[0] == "data":
+        from tfx.bench.data import main as bench_data
+
+        bench_data(argv[1:])
+        return
     import importlib.util
 
     from tfx import __file__ as tfx_init

@@ -72,7 +72,7 @@ class DataConfig:
     tokenizer: str  # sentencepiece .model file, or a local HF tokenizer folder
     max_text_tokens: int = 512  # text tokens per sample (image tokens excluded); longer is skipped
     micro_batch_size: int = 8  # samples per rank per micro-step
-    bucket_batches: int = 16  # batches sorted together by length (the megabatch); 1 = no bucketing
+    bucket_batches: int = 128  # batches sorted together by length (the megabatch); 1 = none
     token_budget: int = 0  # >0: batches of varying size, each <= this many tokens at the largest N
     num_workers: int = 0  # DataLoader workers per rank (0: read in the training process)
     max_consecutive_errors: int = 100  # bad samples in a row before the run stops

@@ -11,17 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
+from tfx.data.decode import normalise
 from tfx.data.tokenizer import IGNORE
 
 
 @dataclass
 class TextSample:
     key: str
-    pixels: torch.Tensor  # (3, S, S), normalised
+    pixels: torch.Tensor  # (3, S, S) uint8, resized; collate normalises
     has_image: bool
     ids: list[int]  # one image marker id where the image goes (none for text-only samples)
     labels: list[int]  # IGNORE where no loss
     meta: dict
+    family: str = "siglip"  # vision family: which pixel mean/std collate applies
 
     @property
     def text_len(self) -> int:
@@ -58,7 +60,7 @@ def collate(samples: list[TextSample], n_visual: int, tok) -> dict:
         "input_ids": input_ids_BT,
         "attention_mask": mask_BT,
         "labels": labels_BT,
-        "pixel_values": torch.stack([s.pixels for s in samples]),
+        "pixel_values": normalise(torch.stack([s.pixels for s in samples]), samples[0].family),
         "has_image": torch.tensor([s.has_image for s in samples]),
         "n_visual": n_visual,
         "keys": [s.key for s in samples],

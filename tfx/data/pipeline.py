@@ -15,7 +15,7 @@ import torch
 from tfx.config.schema import RunConfig
 from tfx.data.bucketing import LengthBucketer
 from tfx.data.collate import TextSample, collate
-from tfx.data.decode import Decoded, SkipCounter, decode_sample, image_to_tensor
+from tfx.data.decode import Decoded, SkipCounter, decode_sample, image_to_uint8
 from tfx.data.shards import ShardStream, expand_shards, iter_tar
 from tfx.data.tokenizer import IGNORE, encode_with_image
 from tfx.errors import DataError
@@ -36,7 +36,7 @@ def to_text_sample(d: Decoded, tok, image_size: int, family: str, max_text: int,
     if all(label == IGNORE for label in labels):
         skips("no supervised token", key=d.key, shard=shard)
         return None
-    return TextSample(key=d.key, pixels=image_to_tensor(d.image, image_size, family),
+    return TextSample(key=d.key, pixels=image_to_uint8(d.image, image_size), family=family,
                       has_image=has_image, ids=ids, labels=labels, meta=d.meta)
 
 
