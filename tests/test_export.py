@@ -70,6 +70,12 @@ def test_export_parity_fresh_process_siglip_qwen2(two_rank_run, tmp_path):
                  "chat_template.jinja", "processor_config.json", "modeling_tokenflex.py"):
         assert (out / name).is_file(), name
     parity(run, out, tmp_path)
+    # `import tfx` (before transformers) registers the classes: no trust_remote_code needed
+    code = ("import tfx, sys\nfrom transformers import AutoModelForImageTextToText as A\n"
+            "print(type(A.from_pretrained(sys.argv[1])).__module__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "tfx.model.modeling_tokenflex", proc.stderr[-2000:]
 
 
 def test_processor_matches_training_tokenisation(two_rank_run, tmp_path):

@@ -66,7 +66,10 @@ def main_train_rank(argv: list[str] | None = None) -> None:
         from tfx.train.loop import train
 
         ensure_launcher_env()
-        train(cfg, resume=args.resume)
+        if train(cfg, resume=args.resume) == "preempted":
+            from tfx.train.preempt import EXIT_PREEMPTED
+
+            sys.exit(EXIT_PREEMPTED)
 
     _run(go)
 

@@ -99,6 +99,7 @@ class OptimConfig:
     save_every: int = 0  # steps; 0 saves only at the end
     keep_last: int = 2  # checkpoints kept
     dist_timeout_s: int = 600  # collective timeout; a hung rank fails after this long
+    requeue: bool = True  # on SIGUSR1/SIGTERM under SLURM: checkpoint, then scontrol requeue
     trace_samples: bool = False  # each rank appends {step, n_visual, keys} to trace/rank{r}.jsonl
 
 

@@ -30,12 +30,16 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def save(engine, ckpt_root: Path, step: int, train_state: dict, data_state: dict,
-         config_yaml: str, keep_last: int) -> Path:
+         config_yaml: str, keep_last: int, rng: dict | None = None) -> Path:
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"tfx": train_state},
                            save_latest=False)
     tag_dir = ckpt_root / tag
     write_atomic(tag_dir / f"tfx_state_rank{rank()}.json", json.dumps(data_state))
+    if rng is not None:
+        import torch
+
+        torch.save(rng, tag_dir / f"rng_rank{rank()}.pt")
     barrier()
     if rank() == 0:
         (tag_dir / "config.yaml").write_text(config_yaml)

@@ -8,6 +8,7 @@ N on every rank, all-reduces their supervised-token count, and normalises the lo
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tfx.model.loss import ce_sum, supervised_count
 from tfx.train import checkpoint, engine as eng
 from tfx.train.dist import all_reduce_sum, barrier, rank, world_size
 from tfx.train.metrics import MetricsLogger
+from tfx.train.preempt import StopRequest, requeue_slurm_job
 
 log = get_logger(__name__)
 
@@ -43,7 +45,7 @@ def log_param_table(table: list) -> None:
 
 
 def run_step(engine, stream: TrainStream, step: int, n_visual: int, cfg: RunConfig,
-             device) -> dict:
+             device, stop_flag: float = 0.0) -> dict:
     batches = [stream.next_batch(n_visual) for _ in range(cfg.train.grad_accum)]
     if cfg.train.trace_samples:
         trace = Path(cfg.train.output_dir) / "trace" / f"rank{rank()}.jsonl"
@@ -53,8 +55,8 @@ def run_step(engine, stream: TrainStream, step: int, n_visual: int, cfg: RunConf
                                 "keys": [k for b in batches for k in b["keys"]]}) + "\n")
     local = [sum(supervised_count(b["labels"]) for b in batches),
              sum(b["real_tokens"] for b in batches), sum(b["padded_tokens"] for b in batches),
-             float(sum(len(b["keys"]) for b in batches)), float(stream.skipped)]
-    global_count, real, padded, images, skipped = all_reduce_sum(local)
+             float(sum(len(b["keys"]) for b in batches)), float(stream.skipped), stop_flag]
+    global_count, real, padded, images, skipped, stop = all_reduce_sum(local)
     world, gas = world_size(), cfg.train.grad_accum
     loss_sum = 0.0
     for b in batches:
@@ -67,7 +69,7 @@ def run_step(engine, stream: TrainStream, step: int, n_visual: int, cfg: RunConf
         loss_sum += float(summed.detach())
     (total_loss,) = all_reduce_sum([loss_sum])
     return {"loss": total_loss / max(global_count, 1), "real": real, "padded": padded,
-            "images": images, "skipped": int(skipped)}
+            "images": images, "skipped": int(skipped), "stop": stop > 0}
 
 
 def log_epoch_length(cfg: RunConfig, world: int) -> None:
@@ -84,7 +86,8 @@ def log_epoch_length(cfg: RunConfig, world: int) -> None:
              f"max {max(lengths)}")
 
 
-def train(cfg: RunConfig, resume: bool = False) -> Path:
+def train(cfg: RunConfig, resume: bool = False) -> str:
+    """Run to `max_steps` ("done"), or until a preemption signal ("preempted")."""
     out = Path(cfg.train.output_dir)
     eng.init_distributed(cfg.train.dist_timeout_s)
     torch.manual_seed(cfg.train.seed)
@@ -111,11 +114,14 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     metrics = MetricsLogger(out, enabled=rank() == 0)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     bar = progress_bar(start, cfg.train.max_steps)
+    (out / f"rank{rank()}.pid").write_text(str(os.getpid()))  # kill -USR1 $(cat runs/x/*.pid)
+    stop = StopRequest()
     visual_tokens = 0.0
+    status = "done"
     for step in range(start, cfg.train.max_steps):
         n_visual = schedule.n_at(step)
         t0 = time.perf_counter()
-        stats = run_step(engine, stream, step, n_visual, cfg, device)
+        stats = run_step(engine, stream, step, n_visual, cfg, device, stop.flag)
         dt = time.perf_counter() - t0
         visual_tokens += stats["images"] * n_visual
         skipped = stats["skipped"]  # all ranks, summed with the step's token counts
@@ -133,22 +139,31 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
                             tok_s=f"{row['tokens_per_s']:.0f}", pad=f"{row['padding_frac']:.1%}",
                             skip=int(skipped), refresh=False)
             bar.update(1)
-        last = step + 1 == cfg.train.max_steps
+        last = step + 1 == cfg.train.max_steps or stats["stop"]
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             save(engine, stream, schedule, ckpt_root, step + 1, cfg, config_yaml)
+        if stats["stop"] and step + 1 < cfg.train.max_steps:
+            status = "preempted"
+            log.warning(f"preempted: stopped after step {step + 1} with a complete checkpoint")
+            if rank() == 0 and cfg.train.requeue:
+                requeue_slurm_job()
+            break
+    stop.uninstall()
     if bar is not None:
         bar.close()
     metrics.close()
     barrier()
-    return out
+    return status
 
 
 def save(engine, stream, schedule, ckpt_root: Path, step: int, cfg: RunConfig,
          config_yaml: str) -> None:
     train_state = {"step": step, "schedule": schedule.state_dict(),
                    "config_hash": config_hash(cfg), "world_size": world_size()}
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     checkpoint.save(engine, ckpt_root, step, train_state, {"data": stream.state_dict()},
-                    config_yaml, cfg.train.keep_last)
+                    config_yaml, cfg.train.keep_last, rng)
     log.info(f"saved checkpoint {checkpoint.tag_for(step)}")
 
 
@@ -171,6 +186,12 @@ def restore(engine, stream, schedule, ckpt_root: Path, cfg: RunConfig) -> int:
                     f"{schedule.state_dict()}")
     data = json.loads((ckpt_root / tag / f"tfx_state_rank{rank()}.json").read_text())
     stream.load_state_dict(data["data"])
+    rng_file = ckpt_root / tag / f"rng_rank{rank()}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     log.info(f"resumed from {tag} at step {state['step']}")
     return int(state["step"])
 
