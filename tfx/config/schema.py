@@ -99,6 +99,7 @@ class OptimConfig:
     save_every: int = 0  # steps; 0 saves only at the end
     keep_last: int = 2  # checkpoints kept
     dist_timeout_s: int = 600  # collective timeout; a hung rank fails after this long
+    check_divergence_steps: int = 0  # debug: check that ranks enter the same modules (K steps)
     requeue: bool = True  # on SIGUSR1/SIGTERM under SLURM: checkpoint, then scontrol requeue
     trace_samples: bool = False  # each rank appends {step, n_visual, keys} to trace/rank{r}.jsonl
 
@@ -204,7 +205,8 @@ def _validate_train(o: OptimConfig, d: DataConfig) -> None:
             raise ConfigError(f"{key}: {value} must be >= 1")
     if o.save_every < 0:
         raise ConfigError(f"train.save_every: {o.save_every} must be >= 0 (0 = only at the end)")
-    for key, value in (("data.token_budget", d.token_budget), ("data.num_workers", d.num_workers)):
+    for key, value in (("data.token_budget", d.token_budget), ("data.num_workers", d.num_workers),
+                       ("train.check_divergence_steps", o.check_divergence_steps)):
         if value < 0:
             raise ConfigError(f"{key}: {value} must be >= 0")
     for key, value in (("train.lr", o.lr), ("train.llm_lr", o.llm_lr),

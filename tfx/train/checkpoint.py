@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from tfx.errors import CheckpointError
+from tfx.train import faults
 from tfx.train.dist import barrier, rank
 
 COMPLETE = "tfx_complete.json"
@@ -40,6 +41,7 @@ def save(engine, ckpt_root: Path, step: int, train_state: dict, data_state: dict
         import torch
 
         torch.save(rng, tag_dir / f"rng_rank{rank()}.pt")
+    faults.kill_in_save(step)  # tests only: die with the checkpoint half written
     barrier()
     if rank() == 0:
         (tag_dir / "config.yaml").write_text(config_yaml)

@@ -24,7 +24,9 @@ from tfx.data.tokenizer import load_tokenizer
 from tfx.log import get_logger
 from tfx.model.loss import ce_sum, supervised_count
 from tfx.train import checkpoint, engine as eng
+from tfx.train import faults
 from tfx.train.dist import all_reduce_sum, barrier, rank, world_size
+from tfx.train.divergence import DivergenceGuard
 from tfx.train.metrics import MetricsLogger
 from tfx.train.preempt import StopRequest, requeue_slurm_job
 
@@ -60,6 +62,9 @@ def run_step(engine, stream: TrainStream, step: int, n_visual: int, cfg: RunConf
     world, gas = world_size(), cfg.train.grad_accum
     loss_sum = 0.0
     for b in batches:
+        if faults.diverges(rank()):  # tests only: one rank makes an extra ZeRO-3 fetch
+            with torch.no_grad():
+                engine.module.vision(b["pixel_values"].to(device))
         logits = engine(input_ids=b["input_ids"].to(device),
                         pixel_values=b["pixel_values"].to(device), n_visual=n_visual,
                         attention_mask=b["attention_mask"].to(device))
@@ -99,6 +104,7 @@ def train(cfg: RunConfig, resume: bool = False) -> str:
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.data.tokenizer)
     model, _hf_ds_alive = eng.build_model(cfg, tok, ds_config)
+    guard = DivergenceGuard(model, cfg.train.check_divergence_steps)  # hooks before DeepSpeed's
     engine, _, scheduler = eng.initialize(cfg, model, ds_config)
     table = eng.param_table(model)
     (out / f"params_rank{rank()}.json").write_text(json.dumps(
@@ -122,6 +128,7 @@ def train(cfg: RunConfig, resume: bool = False) -> str:
         n_visual = schedule.n_at(step)
         t0 = time.perf_counter()
         stats = run_step(engine, stream, step, n_visual, cfg, device, stop.flag)
+        guard.end_step()
         dt = time.perf_counter() - t0
         visual_tokens += stats["images"] * n_visual
         skipped = stats["skipped"]  # all ranks, summed with the step's token counts
