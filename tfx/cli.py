@@ -250,8 +250,33 @@ def cmd_generate(argv: list[str]) -> None:
     _run(go)
 
 
+def cmd_plan(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="tfx plan", description="Parameters, ZeRO-3 memory and "
+                                "FLOPs of a config, from a model built on the meta device.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--text-tokens", type=int, default=512, help="assumed text tokens per sample")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="default: the tokenizer's, else the LLM's own + 4 image tokens")
+    args = p.parse_args(argv)
+
+    def go():
+        _cpu_env_defaults()
+        from tfx.config.load import load_config
+        from tfx.train.plan import format_plan, plan
+
+        cfg = load_config(args.config, args.overrides, check_paths=False)
+        result = plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      text_tokens=args.text_tokens, vocab_size=args.vocab_size)
+        print(format_plan(result, cfg, args.text_tokens))
+
+    _run(go)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "bench": cmd_bench,
-            "convert": cmd_convert, "generate": cmd_generate}
+            "convert": cmd_convert, "generate": cmd_generate, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,8 @@ class VisionConfig:
 
     @property
     def grid_side(self) -> int:
-        """Patch-grid side length H (= W) of the encoder's output."""
+        """Patch-grid side length H (= W) of the encoder's output (the patch conv floors, as in
+        SigLIP-so400m-patch14-384: 27 x 27)."""
         return self.image_size // self.patch_size
 
 
@@ -148,8 +149,8 @@ def _validate_model(m: ModelConfig) -> None:
     _choice("model.projector.kernel", m.projector.kernel, ("auto", "triton", "torch"))
     _choice("model.attn_implementation", m.attn_implementation,
             ("auto", "sdpa", "eager", "flash_attention_2"))
-    if m.vision.image_size % m.vision.patch_size:
-        raise ConfigError(f"model.vision.image_size: {m.vision.image_size} is not a multiple of "
+    if m.vision.image_size < m.vision.patch_size:  # the patch conv floors: 384 / 14 -> 27
+        raise ConfigError(f"model.vision.image_size: {m.vision.image_size} is smaller than "
                           f"patch_size {m.vision.patch_size}")
     if m.projector.hidden_ratio <= 0:
         raise ConfigError("model.projector.hidden_ratio: must be > 0")

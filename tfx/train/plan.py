@@ -1,0 +1,106 @@
+"""`tfx plan CONFIG --nodes K --gpus-per-node G`: size a run before renting the cluster.
+
+The model is built on the meta device (shapes only, no weights, no downloads), so a 7B config
+plans in seconds on a laptop. Printed: parameters per part, ZeRO-3 memory per GPU for the
+model states (DeepSpeed's own estimator, without and with CPU offload), and per N of the token
+schedule the tokens per step, the visual-token share and the training FLOPs per step.
+FLOPs use the usual dense estimate: 6 x trainable-or-not parameters x tokens for each part
+(vision on its patch tokens, projector on N, LLM on text + N + 2), plus 12 x layers x width x
+sequence^2 for the LLM's attention. Activations are not in the memory figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tfx.config.schema import RunConfig
+from tfx.data.tokenizer import load_tokenizer
+from tfx.model.vlm import ImageTokenIds, TokenFlexVLM
+
+ADDED_TOKENS = 4  # <image>, <img>, <IMG_CONTEXT>, </img>
+
+
+def meta_model(cfg: RunConfig, vocab_size: int) -> TokenFlexVLM:
+    with torch.device("meta"):
+        return TokenFlexVLM(cfg.model, vocab_size, ImageTokenIds(0, 1, 2),
+                            attn_implementation="sdpa")
+
+
+def llm_vocab(cfg: RunConfig) -> int:
+    """The LLM's own vocabulary: from its local folder, else its family's default config."""
+    from transformers import AutoConfig, LlamaConfig, Qwen2Config
+
+    if cfg.model.llm.path and Path(cfg.model.llm.path).is_dir():
+        return AutoConfig.from_pretrained(cfg.model.llm.path).vocab_size
+    return {"qwen2": Qwen2Config, "llama": LlamaConfig}[cfg.model.llm.family]().vocab_size
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def largest_layer(model: torch.nn.Module) -> int:
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+
+
+def plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, text_tokens: int,
+         vocab_size: int | None = None) -> dict:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    if vocab_size is None:
+        tok = Path(cfg.data.tokenizer)
+        vocab_size = load_tokenizer(tok).vocab_size if tok.exists() else \
+            llm_vocab(cfg) + ADDED_TOKENS
+    model = meta_model(cfg, vocab_size)
+    parts = {name: count(m) for name, m in model.parts().items()}
+    total, largest = sum(parts.values()), largest_layer(model)
+    memory = {}
+    for label, offload, offload_params in (("none", False, False), ("optimizer", True, False),
+                                           ("optimizer+params", True, True)):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total, largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
+            cpu_offload=offload, cpu_offload_params=offload_params)
+        memory[label] = {"gpu_gib": gpu / 2**30, "cpu_gib_per_node": cpu / 2**30}
+    llm = model.llm.config
+    embed = llm.vocab_size * llm.hidden_size * 2  # input embeddings + LM head
+    patches = cfg.model.vision.grid_side ** 2
+    batch = nodes * gpus_per_node * cfg.data.micro_batch_size * cfg.train.grad_accum
+    rows = []
+    for n_visual, prob in zip(cfg.tokens.counts, cfg.tokens.probs if cfg.tokens.mode == "random"
+                              else (1.0,)):
+        seq = text_tokens + n_visual + 2
+        flops = 6 * batch * (parts["vision"] * patches + parts["projector"] * n_visual
+                             + (parts["llm"] - embed) * seq) \
+            + 6 * batch * embed / 2 * seq + 12 * batch * llm.num_hidden_layers \
+            * llm.hidden_size * seq ** 2
+        rows.append({"N": n_visual, "prob": prob, "tokens_per_step": batch * seq,
+                     "visual_share": (n_visual + 2) / seq, "tflops_per_step": flops / 1e12})
+    mean = {k: sum(r[k] * r["prob"] for r in rows) for k in ("tokens_per_step",
+                                                             "tflops_per_step")}
+    return {"parts": parts, "total": total, "largest_layer": largest, "memory": memory,
+            "rows": rows, "mean": mean, "global_batch": batch, "vocab_size": vocab_size,
+            "gpus": nodes * gpus_per_node}
+
+
+def format_plan(p: dict, cfg: RunConfig, text_tokens: int) -> str:
+    lines = [f"model: {cfg.model.vision.family} {cfg.model.vision.image_size}px "
+             f"(grid {cfg.model.vision.grid_side}x{cfg.model.vision.grid_side}) -> projector "
+             f"({cfg.model.projector.pool}) -> {cfg.model.llm.family} "
+             f"{cfg.model.llm.hidden_size}x{cfg.model.llm.num_layers}, vocab {p['vocab_size']:,}",
+             "", "| part | parameters |", "|---|---|"]
+    lines += [f"| {name} | {n / 1e6:,.1f}M |" for name, n in p["parts"].items()]
+    lines += [f"| total | {p['total'] / 1e6:,.1f}M |", "",
+              f"ZeRO-3 model states on {p['gpus']} GPUs (DeepSpeed's estimator; activations "
+              f"excluded):", "", "| offload | per GPU | CPU per node |", "|---|---|---|"]
+    lines += [f"| {k} | {v['gpu_gib']:.2f} GiB | {v['cpu_gib_per_node']:.1f} GiB |"
+              for k, v in p["memory"].items()]
+    lines += ["", f"per step: global batch {p['global_batch']} samples, {text_tokens} text tokens "
+              f"each (assumed)", "", "| N | prob | tokens/step | visual share | TFLOP/step |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['N']} | {r['prob']:.2f} | {r['tokens_per_step']:,} | "
+              f"{r['visual_share']:.1%} | {r['tflops_per_step']:,.1f} |" for r in p["rows"]]
+    lines.append(f"| mean | | {p['mean']['tokens_per_step']:,.0f} | | "
+                 f"{p['mean']['tflops_per_step']:,.1f} |")
+    return "\n".join(lines)
