@@ -275,8 +275,27 @@ def cmd_plan(argv: list[str]) -> None:
     _run(go)
 
 
+def cmd_experiment(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="tfx experiment", description="Flex vs fixed-N models.")
+    p.add_argument("what", choices=["flex-vs-fixed"])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="runs/flex-vs-fixed")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per training run")
+    args = p.parse_args(argv)
+
+    def go():
+        from tfx.eval.experiment import flex_vs_fixed
+
+        flex_vs_fixed(args.config, args.overrides, args.out, args.seeds, args.nproc)
+
+    _run(go)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "bench": cmd_bench,
-            "convert": cmd_convert, "generate": cmd_generate, "plan": cmd_plan}
+            "convert": cmd_convert, "generate": cmd_generate, "plan": cmd_plan,
+            "experiment": cmd_experiment}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -116,13 +116,13 @@ def train(cfg: RunConfig, resume: bool = False) -> str:
     schedule = TokenSchedule(cfg.tokens)
     stream = TrainStream(cfg, tok, rank=rank(), world=world_size())
     ckpt_root = out / "checkpoints"
-    start = restore(engine, stream, schedule, ckpt_root, cfg) if resume else 0
+    start, visual_tokens = restore(engine, stream, schedule, ckpt_root, cfg) if resume \
+        else (0, 0.0)
     metrics = MetricsLogger(out, enabled=rank() == 0)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     bar = progress_bar(start, cfg.train.max_steps)
     (out / f"rank{rank()}.pid").write_text(str(os.getpid()))  # kill -USR1 $(cat runs/x/*.pid)
     stop = StopRequest()
-    visual_tokens = 0.0
     status = "done"
     for step in range(start, cfg.train.max_steps):
         n_visual = schedule.n_at(step)
@@ -148,7 +148,7 @@ def train(cfg: RunConfig, resume: bool = False) -> str:
             bar.update(1)
         last = step + 1 == cfg.train.max_steps or stats["stop"]
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            save(engine, stream, schedule, ckpt_root, step + 1, cfg, config_yaml)
+            save(engine, stream, schedule, ckpt_root, step + 1, cfg, config_yaml, visual_tokens)
         if stats["stop"] and step + 1 < cfg.train.max_steps:
             status = "preempted"
             log.warning(f"preempted: stopped after step {step + 1} with a complete checkpoint")
@@ -164,9 +164,10 @@ def train(cfg: RunConfig, resume: bool = False) -> str:
 
 
 def save(engine, stream, schedule, ckpt_root: Path, step: int, cfg: RunConfig,
-         config_yaml: str) -> None:
+         config_yaml: str, visual_tokens: float = 0.0) -> None:
     train_state = {"step": step, "schedule": schedule.state_dict(),
-                   "config_hash": config_hash(cfg), "world_size": world_size()}
+                   "config_hash": config_hash(cfg), "world_size": world_size(),
+                   "visual_tokens": visual_tokens}
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     checkpoint.save(engine, ckpt_root, step, train_state, {"data": stream.state_dict()},
@@ -174,13 +175,14 @@ def save(engine, stream, schedule, ckpt_root: Path, step: int, cfg: RunConfig,
     log.info(f"saved checkpoint {checkpoint.tag_for(step)}")
 
 
-def restore(engine, stream, schedule, ckpt_root: Path, cfg: RunConfig) -> int:
+def restore(engine, stream, schedule, ckpt_root: Path, cfg: RunConfig) -> tuple[int, float]:
+    """(step to continue at, visual tokens consumed so far)."""
     from tfx.errors import CheckpointError
 
     tag = checkpoint.latest_tag(ckpt_root) if ckpt_root.is_dir() else None
     if tag is None:
         log.info("--resume: no checkpoint yet, starting at step 0")
-        return 0
+        return 0, 0.0
     _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
     state = client["tfx"]
     if state["config_hash"] != config_hash(cfg):
@@ -200,7 +202,7 @@ def restore(engine, stream, schedule, ckpt_root: Path, cfg: RunConfig) -> int:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     log.info(f"resumed from {tag} at step {state['step']}")
-    return int(state["step"])
+    return int(state["step"]), float(state.get("visual_tokens", 0.0))
 
 
 def progress_bar(start: int, total: int):

@@ -1,0 +1,146 @@
+"""`tfx experiment flex-vs-fixed CONFIG`: the paper's central comparison, in miniature.
+
+For every seed: one model trained at each fixed N of `tokens.counts`, and one flex model
+(`tokens.mode=random` with the config's probabilities), all with the same data, steps and
+optimizer. Every model is then evaluated at every N of the set plus counts it never saw
+(between and beyond). Results: `results.md` (train-N x infer-N, mean +- std over seeds),
+`results.json`, `accuracy.png` (accuracy against N, one line per model), plus visual tokens
+consumed and wall time per model. Resumable: a run with its eval.json is not run again, and a
+half-trained one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tfx.config.load import load_config
+from tfx.errors import TfxError
+
+
+def eval_counts(counts: list[int], side: int) -> list[int]:
+    """The trained counts, every square between them, and one beyond on each side."""
+    lo, hi = math.isqrt(min(counts)), math.isqrt(max(counts))
+    ns = set(range(max(1, lo - 1), min(side, hi + 1) + 1))
+    return sorted({n * n for n in ns} | set(counts))
+
+
+def models(counts: list[int]) -> dict[str, list[str]]:
+    out = {f"fixed-{n}": ["tokens.mode=fixed", f"tokens.counts=[{n}]", "tokens.probs=[1.0]"]
+           for n in counts}
+    out["flex"] = []
+    return out
+
+
+def run_one(config: str, overrides: list[str], run_dir: Path, nproc: int, counts: list[int],
+            log) -> dict:
+    """Train (or resume) and evaluate one model; returns its eval report and costs."""
+    report_path = run_dir / "eval" / "eval.json"
+    cost_path = run_dir / "cost.json"
+    if report_path.is_file() and cost_path.is_file():
+        log(f"{run_dir}: done before, skipped")
+        return json.loads(report_path.read_text()) | json.loads(cost_path.read_text())
+    cli = [sys.executable, "-m", "tfx.cli"]
+    t0 = time.perf_counter()
+    train = cli + ["train", config, *overrides, f"train.output_dir={run_dir}", "--resume"]
+    if nproc > 1:
+        train += ["--nproc", str(nproc)]
+    log(f"{run_dir}: training")
+    done = subprocess.run(train, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TfxError(f"training {run_dir} failed (exit {done.returncode}): "
+                       f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+    wall = time.perf_counter() - t0
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cost = {"wall_s": wall, "visual_tokens": rows[-1]["visual_tokens"], "steps": rows[-1]["step"]}
+    ev = subprocess.run(cli + ["eval", str(run_dir), "--counts", ",".join(map(str, counts)),
+                               "--out", str(run_dir / "eval")], capture_output=True, text=True)
+    if ev.returncode != 0:
+        raise TfxError(f"evaluating {run_dir} failed: {ev.stderr.strip().splitlines()[-1]}")
+    cost_path.write_text(json.dumps(cost))
+    return json.loads(report_path.read_text()) | cost
+
+
+def summarise(results: dict[str, list[dict]], counts: list[int]) -> dict:
+    table = {}
+    for model, runs in results.items():
+        row = {}
+        for n in counts:
+            accs = [r["results"][str(n)]["all"] for r in runs]
+            row[str(n)] = {"mean": statistics.mean(accs),
+                           "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+        row["visual_tokens"] = statistics.mean(r["visual_tokens"] for r in runs)
+        row["wall_s"] = statistics.mean(r["wall_s"] for r in runs)
+        table[model] = row
+    return table
+
+
+def markdown(table: dict, counts: list[int], trained: list[int], seeds: int) -> str:
+    head = "| train \\ infer N | " + " | ".join(
+        f"{n}{'*' if n in trained else ''}" for n in counts) + " | visual tokens | wall s |"
+    lines = [head, "|" + "---|" * (len(counts) + 3)]
+    for model, row in table.items():
+        cells = [f"{row[str(n)]['mean']:.3f} ± {row[str(n)]['std']:.3f}" for n in counts]
+        lines.append(f"| {model} | " + " | ".join(cells)
+                     + f" | {row['visual_tokens']:,.0f} | {row['wall_s']:.0f} |")
+    lines.append("")
+    lines.append(f"Exact-match accuracy, mean ± std over {seeds} seed(s); * = a count in the "
+                 "training set.")
+    return "\n".join(lines)
+
+
+def plot(table: dict, counts: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for model, row in table.items():
+        ax.errorbar(counts, [row[str(n)]["mean"] for n in counts],
+                    yerr=[row[str(n)]["std"] for n in counts], marker="o", capsize=3,
+                    lw=2.5 if model == "flex" else 1.2, label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.set_xlabel("visual tokens N at inference")
+    ax.set_ylabel("exact-match accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def flex_vs_fixed(config: str, overrides: list[str], out: str | Path, seeds: int,
+                  nproc: int) -> dict:
+    cfg = load_config(config, overrides)  # validates everything before the first run
+    counts = list(cfg.tokens.counts)
+    infer = eval_counts(counts, cfg.model.vision.grid_side)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    for seed in range(seeds):
+        for model, extra in models(counts).items():
+            ov = [*overrides, *extra, f"train.seed={seed}", f"tokens.seed={seed}"]
+            report = run_one(config, ov, out / model / f"seed{seed}", nproc, infer, log)
+            results.setdefault(model, []).append(report)
+    table = summarise(results, infer)
+    (out / "results.json").write_text(json.dumps(
+        {"config": config, "overrides": overrides, "seeds": seeds, "trained_counts": counts,
+         "eval_counts": infer, "table": table}, indent=2))
+    text = markdown(table, infer, counts, seeds)
+    (out / "results.md").write_text(
+        f"Command: `tfx experiment flex-vs-fixed {config} {' '.join(overrides)} --seeds "
+        f"{seeds} --out {out}`\n\n{text}\n")
+    plot(table, infer, out / "accuracy.png")
+    print(text)
+    print(f"wrote {out}/results.md, results.json, accuracy.png")
+    return table
