@@ -1,4 +1,5 @@
-"""DeepSpeed engine set-up: the one module that imports deepspeed.
+"""DeepSpeed engine set-up (elsewhere only DeepSpeed utilities are used: zero_to_fp32 in
+checkpoint.py, the ZeRO-3 memory estimator in plan.py).
 
 Data flow position: model + optimizer -> **deepspeed.initialize** -> loop. The DeepSpeed JSON in
 `configs/deepspeed/` holds only ZeRO settings; batch size, accumulation, clipping and dtype are
