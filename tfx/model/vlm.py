@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tfx.config.schema import ModelConfig
+from tfx.data.tokenizer import IGNORE
 from tfx.model.llm import build_llm
+from tfx.model.loss import shifted_targets
 from tfx.model.modeling_tokenflex import splice_visual
 from tfx.model.projector import TokenAdaptiveProjector
 from tfx.model.vision import VisionTower
@@ -54,10 +57,22 @@ class TokenFlexVLM(nn.Module):
         return embeds_BTD + 0.0 * visual_BND.sum()
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); with `labels`, the summed cross-entropy of the answer tokens,
+        with the LM head applied at those positions only (the V-way logits of every prompt
+        and image position are never formed: most of the cost for a large vocabulary)."""
         embeds_BTD = self.embed(input_ids, pixel_values, n_visual)
-        out = self.llm(inputs_embeds=embeds_BTD, attention_mask=attention_mask, use_cache=False)
-        return out.logits
+        if labels is None:
+            out = self.llm(inputs_embeds=embeds_BTD, attention_mask=attention_mask,
+                           use_cache=False)
+            return out.logits
+        hidden_BTD = self.llm.model(inputs_embeds=embeds_BTD, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+        targets_BT = shifted_targets(labels)
+        keep_BT = targets_BT != IGNORE
+        logits_KV = self.llm.lm_head(hidden_BTD[keep_BT])
+        return F.cross_entropy(logits_KV.float(), targets_BT[keep_BT], reduction="sum")
 
     def parts(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "projector": self.projector, "llm": self.llm}

@@ -22,7 +22,7 @@ from tfx.data.pipeline import TrainStream
 from tfx.data.schedule import TokenSchedule
 from tfx.data.tokenizer import load_tokenizer
 from tfx.log import get_logger
-from tfx.model.loss import ce_sum, supervised_count
+from tfx.model.loss import supervised_count
 from tfx.train import checkpoint, engine as eng
 from tfx.train import faults
 from tfx.train.dist import all_reduce_sum, barrier, rank, world_size
@@ -65,10 +65,10 @@ def run_step(engine, stream: TrainStream, step: int, n_visual: int, cfg: RunConf
         if faults.diverges(rank()):  # tests only: one rank makes an extra ZeRO-3 fetch
             with torch.no_grad():
                 engine.module.vision(b["pixel_values"].to(device))
-        logits = engine(input_ids=b["input_ids"].to(device),
+        summed = engine(input_ids=b["input_ids"].to(device),
                         pixel_values=b["pixel_values"].to(device), n_visual=n_visual,
-                        attention_mask=b["attention_mask"].to(device))
-        summed = ce_sum(logits, b["labels"].to(device))
+                        attention_mask=b["attention_mask"].to(device),
+                        labels=b["labels"].to(device))
         engine.backward(summed / max(global_count, 1) * world * gas)
         engine.step()
         loss_sum += float(summed.detach())
