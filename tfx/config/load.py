@@ -138,10 +138,12 @@ def check_data_paths(cfg: RunConfig) -> None:
     tok = Path(cfg.data.tokenizer)
     if not tok.exists():
         raise ConfigError(f"data.tokenizer: {tok} not found (run `tfx data synth` for the demo)")
-    for key, p in (("model.vision.path", cfg.model.vision.path),
-                   ("model.llm.path", cfg.model.llm.path)):
-        if p is not None and not Path(p).is_dir():
-            raise ConfigError(f"{key}: {p} is not a folder")
+    vision_file = cfg.model.vision.family == "efficientnet"  # a state dict, not a folder
+    for key, p, want_file in (("model.vision.path", cfg.model.vision.path, vision_file),
+                              ("model.llm.path", cfg.model.llm.path, False)):
+        if p is not None and not (Path(p).is_file() if want_file else Path(p).is_dir()):
+            raise ConfigError(f"{key}: {p} is not a {'file' if want_file else 'folder'}"
+                              f"{' (tfx backbones --out models)' if 'models/' in p else ''}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -14,8 +14,8 @@ from tfx.errors import ConfigError
 
 @dataclass(frozen=True, kw_only=True)
 class VisionConfig:
-    family: str = "siglip"  # siglip | clip
-    path: str | None = None  # local HF folder; None builds from the sizes below
+    family: str = "siglip"  # siglip | clip | efficientnet (EfficientNet-Lite0, stride 32)
+    path: str | None = None  # local HF folder (efficientnet: a .pth); None builds from sizes
     image_size: int = 224  # pixels (square)
     patch_size: int = 16  # pixels
     hidden_size: int = 768
@@ -143,7 +143,10 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _validate_model(m: ModelConfig) -> None:
-    _choice("model.vision.family", m.vision.family, ("siglip", "clip"))
+    _choice("model.vision.family", m.vision.family, ("siglip", "clip", "efficientnet"))
+    if m.vision.family == "efficientnet" and m.vision.patch_size != 32:
+        raise ConfigError("model.vision.patch_size: efficientnet's feature map has stride 32; "
+                          "set patch_size: 32")
     _choice("model.llm.family", m.llm.family, ("qwen2", "llama"))
     _choice("model.projector.pool", m.projector.pool, ("adaptive", "interp"))
     _choice("model.projector.kernel", m.projector.kernel, ("auto", "triton", "torch"))

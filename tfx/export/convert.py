@@ -44,6 +44,9 @@ RENAMES = (("vision.encoder.", "vision_tower."), ("llm.", "language_model."),
 
 
 def hf_config(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexConfig:
+    if cfg.model.vision.family not in ("siglip", "clip"):
+        raise ConfigError(f"tfx convert: the HF export supports SigLIP and CLIP towers, not "
+                          f"{cfg.model.vision.family!r} (its encoder has no transformers class)")
     text = model.llm.config.to_dict()
     text["use_cache"] = True  # training turns the KV cache off; generation wants it
     side = cfg.model.vision.grid_side

