@@ -17,10 +17,9 @@ from tfx.config.schema import RunConfig, suggest_counts
 from tfx.data.collate import collate
 from tfx.data.decode import SkipCounter
 from tfx.data.pipeline import read_eval_samples
-from tfx.data.tokenizer import IGNORE, load_tokenizer
+from tfx.data.tokenizer import load_tokenizer
 from tfx.errors import ConfigError
 from tfx.log import get_logger
-from tfx.model.loss import shifted_targets
 from tfx.model.vlm import ImageTokenIds, TokenFlexVLM
 from tfx.train import checkpoint
 
@@ -65,10 +64,11 @@ def accuracy_at(model: TokenFlexVLM, samples, n_visual: int, tok, batch_size: in
     correct: dict[str, list[int]] = {}
     for i in range(0, len(samples), batch_size):
         batch = collate(samples[i:i + batch_size], n_visual, tok)
-        logits = model(batch["input_ids"], batch["pixel_values"], n_visual,
-                       batch["attention_mask"])
-        targets = shifted_targets(batch["labels"])
-        hit = (logits.argmax(-1) == targets) | (targets == IGNORE)
+        logits_KV, targets_K, keep_BT = model.answer_logits(
+            batch["input_ids"], batch["pixel_values"], n_visual, batch["attention_mask"],
+            batch["labels"])
+        hit = ~keep_BT  # positions without a target count as hits
+        hit[keep_BT] = logits_KV.argmax(-1) == targets_K
         for row, meta in zip(hit.all(dim=1).tolist(), batch["meta"]):
             for kind in ("all", meta.get("type", "other")):
                 correct.setdefault(kind, []).append(int(row))

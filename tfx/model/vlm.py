@@ -62,17 +62,26 @@ class TokenFlexVLM(nn.Module):
         """Logits (B, T, V); with `labels`, the summed cross-entropy of the answer tokens,
         with the LM head applied at those positions only (the V-way logits of every prompt
         and image position are never formed: most of the cost for a large vocabulary)."""
-        embeds_BTD = self.embed(input_ids, pixel_values, n_visual)
         if labels is None:
+            embeds_BTD = self.embed(input_ids, pixel_values, n_visual)
             out = self.llm(inputs_embeds=embeds_BTD, attention_mask=attention_mask,
                            use_cache=False)
             return out.logits
+        logits_KV, targets_K, _ = self.answer_logits(input_ids, pixel_values, n_visual,
+                                                     attention_mask, labels)
+        return F.cross_entropy(logits_KV.float(), targets_K, reduction="sum")
+
+    def answer_logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
+                      attention_mask: torch.Tensor | None, labels: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K, V) logits at the K supervised positions, their (K,) targets, and the (B, T)
+        mask of those positions."""
+        embeds_BTD = self.embed(input_ids, pixel_values, n_visual)
         hidden_BTD = self.llm.model(inputs_embeds=embeds_BTD, attention_mask=attention_mask,
                                     use_cache=False).last_hidden_state
         targets_BT = shifted_targets(labels)
         keep_BT = targets_BT != IGNORE
-        logits_KV = self.llm.lm_head(hidden_BTD[keep_BT])
-        return F.cross_entropy(logits_KV.float(), targets_BT[keep_BT], reduction="sum")
+        return self.llm.lm_head(hidden_BTD[keep_BT]), targets_BT[keep_BT], keep_BT
 
     def parts(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "projector": self.projector, "llm": self.llm}
