@@ -34,7 +34,11 @@ def test_efficientnet_grid_is_the_feature_map(tmp_path):
         reference = tower.encoder.net.extract_features(x)
     assert grid.shape == (2, 49, 1280)
     assert torch.equal(grid, reference.flatten(2).transpose(1, 2))
-    # pretrained, not random: ImageNet weights give a sparse (post-activation) map
+    for p in tower.parameters():  # frozen, as in stage align: BatchNorm statistics stay put
+        p.requires_grad_(False)
+    tower.train()
+    assert not any(m.training for m in tower.encoder.net.modules())
+    # pretrained, not random
     random = VisionTower(VisionConfig(family="efficientnet", image_size=224, patch_size=32))
     assert not torch.equal(tower.state_dict()["encoder.net._conv_stem.weight"],
                            random.state_dict()["encoder.net._conv_stem.weight"])

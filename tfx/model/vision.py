@@ -38,11 +38,17 @@ class EfficientNetGrid(nn.Module):
         self.net = EfficientNet.from_name("efficientnet-lite0")
         self.net._fc = nn.Identity()  # the classifier head is not used
         if path is not None:
-            import torch
-
             state = torch.load(path, map_location="cpu")
             state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
             self.net.load_state_dict(state, strict=True)
+
+    def train(self, mode: bool = True) -> "EfficientNetGrid":
+        """A frozen tower (stage align/instruct) keeps its BatchNorm statistics: in train mode
+        they would drift towards the new images although no weight is trained."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.parameters()):
+            self.net.eval()
+        return self
 
     def forward(self, pixel_values_BCHW: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(pixel_values_BCHW).flatten(2).transpose(1, 2)
