@@ -25,13 +25,22 @@ def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+def bin_range(i, size, n):
+    """PyTorch's adaptive-pool bin i of n over `size`: [floor(i*size/n), ceil((i+1)*size/n)).
+    Swapping `size` and `n` gives the bins that contain input row i."""
+    return (i * size) // n, ((i + 1) * size + n - 1) // n
+
+
+_bin = triton.jit(bin_range)  # the same formula inside the kernels
+
+
 def max_window(size: int, n: int) -> int:
-    return max(((i + 1) * size + n - 1) // n - (i * size) // n for i in range(n))
+    return max(hi - lo for lo, hi in (bin_range(i, size, n) for i in range(n)))
 
 
 def max_bins_per_input(size: int, n: int) -> int:
-    """Most output bins one input row lies in: i in [floor(r*n/H), ceil((r+1)*n/H))."""
-    return max(((r + 1) * n + size - 1) // size - (r * n) // size for r in range(size))
+    """Most output bins one input row lies in."""
+    return max(hi - lo for lo, hi in (bin_range(r, n, size) for r in range(size)))
 
 
 @triton.jit
@@ -45,10 +54,8 @@ def _pool_fwd_kernel(x_ptr, out_ptr, H, W, n, C,
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     zero = offs_c * 0  # broadcast scalars into the mask (interpreter-safe)
-    r0 = (i * H) // n
-    r1 = ((i + 1) * H + n - 1) // n
-    c0 = (j * W) // n
-    c1 = ((j + 1) * W + n - 1) // n
+    r0, r1 = _bin(i, H, n)
+    c0, c1 = _bin(j, W, n)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     base = x_ptr + b * H * W * C
     for dr in tl.static_range(KH):
@@ -72,10 +79,8 @@ def _unpool_kernel(dp_ptr, dx_ptr, H, W, n, C,
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     zero = offs_c * 0
-    i0 = (r * n) // H
-    i1 = ((r + 1) * n + H - 1) // H
-    j0 = (c * n) // W
-    j1 = ((c + 1) * n + W - 1) // W
+    i0, i1 = _bin(r, n, H)  # the bins that contain input row r: the same formula, inverted
+    j0, j1 = _bin(c, n, W)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     base = dp_ptr + b * n * n * C
     for di in tl.static_range(KI):
@@ -83,8 +88,10 @@ def _unpool_kernel(dp_ptr, dx_ptr, H, W, n, C,
             i = i0 + di
             j = j0 + dj
             ok = mask_c & ((zero + i) < i1) & ((zero + j) < j1)
-            rows = ((i + 1) * H + n - 1) // n - (i * H) // n
-            cols = ((j + 1) * W + n - 1) // n - (j * W) // n
+            i_lo, i_hi = _bin(i, H, n)
+            j_lo, j_hi = _bin(j, W, n)
+            rows = i_hi - i_lo
+            cols = j_hi - j_lo
             g = tl.load(base + (i * n + j) * C + offs_c, mask=ok, other=0.0).to(tl.float32)
             acc += g / (rows * cols).to(tl.float32)
     tl.store(dx_ptr + pid * C + offs_c, acc.to(dx_ptr.dtype.element_ty), mask=mask_c)
