@@ -16,7 +16,7 @@ from tfx.config.schema import RunConfig
 from tfx.data.bucketing import LengthBucketer
 from tfx.data.collate import TextSample, collate
 from tfx.data.decode import Decoded, SkipCounter, decode_sample, image_to_uint8
-from tfx.data.shards import ShardStream, expand_shards, iter_tar
+from tfx.data.shards import ShardStream, check_shard_count, expand_shards, iter_tar
 from tfx.data.tokenizer import IGNORE, encode_with_image
 from tfx.errors import DataError
 
@@ -126,8 +126,7 @@ class TrainStream:
                                                              readers=world)
         self._it = None
         if self.workers:  # fail here, not in a worker, when there are too few shards
-            ShardStream(expand_shards(cfg.data.train, "data.train"), reader=0,
-                        readers=world * self.workers, seed=0, on_error=None)
+            check_shard_count(expand_shards(cfg.data.train, "data.train"), world * self.workers)
 
     def _loader(self):
         dataset = _WorkerBatches(self.cfg, self.tok, self.rank, self.world, list(self.states),

@@ -60,13 +60,17 @@ def iter_tar(path: str, on_error) -> Iterator[dict]:
         yield sample
 
 
+def check_shard_count(urls: list[str], readers: int) -> None:
+    if len(urls) < readers:
+        raise DataError(f"{len(urls)} shards for {readers} readers (ranks x data.num_workers): "
+                        "every reader needs at least one shard; write more, smaller shards")
+
+
 class ShardStream:
     """Endless raw samples of one reader, with an exactly restorable position."""
 
     def __init__(self, urls: list[str], *, reader: int, readers: int, seed: int, on_error):
-        if len(urls) < readers:
-            raise DataError(f"{len(urls)} shards for {readers} readers (ranks x data.num_workers): "
-                            "every reader needs at least one shard; write more, smaller shards")
+        check_shard_count(urls, readers)
         self.urls, self.reader, self.readers, self.seed = urls, reader, readers, seed
         self.on_error = on_error
         self.epoch, self.shard_idx, self.sample_idx = 0, 0, 0
