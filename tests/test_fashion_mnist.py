@@ -11,7 +11,7 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import run_tfx
-from tfx.data.builders.fashion_mnist import CLASSES, DEBIAN_DIR, ORDINAL, read_split
+from tfx.data.builders.fashion_mnist import CLASSES, DEBIAN_DIR, FRAME, ORDINAL, read_split
 
 pytestmark = pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(),
                                 reason=f"{DEBIAN_DIR} missing: apt-get install "
@@ -19,32 +19,47 @@ pytestmark = pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(),
 
 
 def tiles(split):
+    """Each real item of the split, keyed by its pixels and by its pixels inside a red frame."""
     images, labels = read_split(Path(DEBIAN_DIR), split)
-    return {img.tobytes(): CLASSES[int(lab)] for img, lab in zip(images, labels)}
+    known = {img.tobytes(): CLASSES[int(lab)] for img, lab in zip(images, labels)}
+    inner = {img[FRAME:28 - FRAME, FRAME:28 - FRAME].tobytes(): CLASSES[int(lab)]
+             for img, lab in zip(images, labels)}
+    return known, inner
 
 
 def test_grids_keep_the_split_and_answers_match_real_labels(tmp_path):
     out = tmp_path / "fm"
     result = run_tfx("data", "fashion-mnist", "--out", str(out), "--train", "60", "--eval",
-                     "40", "--grid", "3", "--per-shard", "25", timeout=180)
+                     "40", "--grid", "3", "--per-shard", "25", "--questions",
+                     "cell:1,count:1,marked:1", timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((out / "info.json").read_text())
     assert info["image_size"] == 84 and (out / "tokenizer.model").is_file()
     train_tiles, test_tiles = tiles("train"), tiles("eval")
     kinds = set()
-    for split, known in (("train", train_tiles), ("eval", test_tiles)):
+    for split, (known, inner) in (("train", train_tiles), ("eval", test_tiles)):
         shards = sorted(str(p) for p in (out / split).glob("*.tar"))
         samples = list(wds.WebDataset(shards, shardshuffle=False))
         assert len(samples) == (60 if split == "train" else 40)
         for s in samples:
-            grid = np.asarray(Image.open(io.BytesIO(s["png"])).convert("L"))
+            rgb = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB")).astype(int)
+            meta = json.loads(s["json"])
+            q, a = (t["value"] for t in meta["conversations"])
+            kinds.add(meta["type"])
+            red = (rgb[..., 0] - rgb[..., 1]) > 200  # only the frame is coloured
+            if meta["type"] == "marked":
+                ys, xs = np.nonzero(red)
+                r, c = ys.min() // 28, xs.min() // 28
+                assert (ys.max() // 28, xs.max() // 28) == (r, c) and q.endswith("red box?")
+                box = rgb[r * 28 + FRAME:(r + 1) * 28 - FRAME, c * 28 + FRAME:(c + 1) * 28 - FRAME]
+                assert a == inner[box[..., 0].astype(np.uint8).tobytes()]
+                continue
+            assert not red.any()
+            grid = rgb[..., 0].astype(np.uint8)
             cells = [grid[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28].tobytes()
                      for r in range(3) for c in range(3)]
             assert all(t in known for t in cells)  # real items of this split only
             names = [known[t] for t in cells]
-            meta = json.loads(s["json"])
-            q, a = (t["value"] for t in meta["conversations"])
-            kinds.add(meta["type"])
             if meta["type"] == "cell":
                 r, c = (ORDINAL.index(w.strip("?,")) for w in q.split() if w.strip("?,")
                         in ORDINAL)
@@ -52,7 +67,15 @@ def test_grids_keep_the_split_and_answers_match_real_labels(tmp_path):
             else:
                 target = q.removeprefix("<image>\nHow many ").removesuffix(" items are there?")
                 assert a == str(names.count(target))
-    assert kinds == {"cell", "count"}
+    assert kinds == {"cell", "count", "marked"}
+    assert info["questions"] == pytest.approx({"cell": 1 / 3, "count": 1 / 3, "marked": 1 / 3})
+
+
+def test_bad_question_spec_is_one_line(tmp_path):
+    result = run_tfx("data", "fashion-mnist", "--out", str(tmp_path / "o"), "--questions",
+                     "cell:0.5,colour", timeout=60)
+    assert result.returncode == 2
+    assert "'colour' is not one of cell, count, marked" in result.stderr.strip().splitlines()[-1]
 
 
 def test_missing_source_is_one_line(tmp_path):

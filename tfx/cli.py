@@ -145,16 +145,20 @@ def cmd_data(argv: list[str]) -> None:
     fm.add_argument("--grid", type=int, default=3, help="items per side")
     fm.add_argument("--cell", type=int, default=28, help="pixels per item (28: original)")
     fm.add_argument("--per-shard", type=int, default=1000)
+    fm.add_argument("--questions", default="cell:0.7,count:0.3",
+                    help="question kinds with weights, from cell, count, marked")
     fm.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     def go():
         if args.what == "fashion-mnist":
-            from tfx.data.builders.fashion_mnist import DEBIAN_DIR, build_fashion_mnist
+            from tfx.data.builders.fashion_mnist import (DEBIAN_DIR, build_fashion_mnist,
+                                                         parse_kinds)
 
             info = build_fashion_mnist(args.out, source=args.source or DEBIAN_DIR,
                                        train=args.train, eval=args.eval, grid=args.grid,
-                                       cell=args.cell, per_shard=args.per_shard, seed=args.seed)
+                                       cell=args.cell, per_shard=args.per_shard, seed=args.seed,
+                                       kinds=parse_kinds(args.questions))
             print(f"wrote {info['train']} train / {info['eval']} eval grids "
                   f"({info['image_size']} px) and {info['tokenizer']} under {args.out}")
             return

@@ -6,6 +6,10 @@ number:
 - `cell`: "What is in row r, column c?" -> the item's class. With fewer visual tokens than
   cells, neighbouring items are averaged together: this is the question where N matters.
 - `count`: "How many <class> items are there?" -> a number (0..k*k).
+- `marked`: "What is in the red box?" -> the class of the one item framed in red. Found by
+  content, not by position, so a small model learns it fast; with fewer visual tokens than
+  cells the framed item is averaged with its neighbours, so N matters here too.
+`kinds` weights the question types (default: cell 0.7, count 0.3).
 Shards + a SentencePiece tokenizer trained on the generated text, like `tfx data synth`.
 """
 
@@ -28,6 +32,25 @@ CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "eval": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 ORDINAL = ["first", "second", "third", "fourth", "fifth", "sixth"]
+KINDS = {"cell": 0.7, "count": 0.3}
+FRAME = 2  # pixels of red frame around the marked item, at the original 28 px
+
+
+def parse_kinds(spec: str) -> dict[str, float]:
+    """'cell:0.7,count:0.3' or 'marked' -> normalised weights; DataError on a bad spec."""
+    kinds = {}
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, weight = part.partition(":")
+        if name not in ("cell", "count", "marked"):
+            raise DataError(f"--questions: {name!r} is not one of cell, count, marked")
+        try:
+            kinds[name] = float(weight or 1.0)
+        except ValueError:
+            raise DataError(f"--questions: weight {weight!r} of {name} is not a number") from None
+    total = sum(kinds.values())
+    if not kinds or total <= 0 or min(kinds.values()) < 0:
+        raise DataError(f"--questions: {spec!r} gives no positive weights")
+    return {k: v / total for k, v in kinds.items()}
 
 
 def read_split(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -45,20 +68,29 @@ def read_split(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_sample(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, k: int,
-                cell: int) -> tuple[Image.Image, dict]:
+                cell: int, kinds: dict[str, float] = KINDS) -> tuple[Image.Image, dict]:
     picks = rng.choice(len(images), size=k * k, replace=False)
     tiles = images[picks].reshape(k, k, 28, 28).transpose(0, 2, 1, 3).reshape(k * 28, k * 28)
-    image = Image.fromarray(tiles).convert("RGB")
+    rgb = np.repeat(tiles[:, :, None], 3, axis=2)
+    names = [CLASSES[int(labels[p])] for p in picks]
+    kind = list(kinds)[rng.choice(len(kinds), p=list(kinds.values()))]
+    r, c = int(rng.integers(k)), int(rng.integers(k))
+    if kind == "marked":
+        box = rgb[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28]
+        inner = box[FRAME:28 - FRAME, FRAME:28 - FRAME].copy()
+        box[:] = (255, 0, 0)
+        box[FRAME:28 - FRAME, FRAME:28 - FRAME] = inner
+    image = Image.fromarray(rgb)
     if cell != 28:
         image = image.resize((k * cell, k * cell), Image.BICUBIC)
-    names = [CLASSES[int(labels[p])] for p in picks]
-    if rng.random() < 0.7:
-        r, c = int(rng.integers(k)), int(rng.integers(k))
-        kind, answer = "cell", names[r * k + c]
+    if kind == "cell":
+        answer = names[r * k + c]
         q = f"What is in the {ORDINAL[r]} row, {ORDINAL[c]} column?"
+    elif kind == "marked":
+        answer, q = names[r * k + c], "What is in the red box?"
     else:
         target = CLASSES[int(rng.integers(len(CLASSES)))]
-        kind, answer = "count", str(names.count(target))
+        answer = str(names.count(target))
         q = f"How many {target} items are there?"
     meta = {"conversations": [{"from": "human", "value": "<image>\n" + q},
                               {"from": "gpt", "value": answer}], "type": kind, "answer": answer}
@@ -67,7 +99,8 @@ def make_sample(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray
 
 def build_fashion_mnist(out: str | Path, *, source: str | Path = DEBIAN_DIR, train: int = 20000,
                         eval: int = 1000, grid: int = 3, cell: int = 28, per_shard: int = 1000,
-                        seed: int = 0, vocab_size: int = 128) -> dict:
+                        seed: int = 0, vocab_size: int = 128,
+                        kinds: dict[str, float] = KINDS) -> dict:
     import webdataset as wds
 
     if not 1 <= grid <= len(ORDINAL):
@@ -81,7 +114,7 @@ def build_fashion_mnist(out: str | Path, *, source: str | Path = DEBIAN_DIR, tra
         with wds.ShardWriter(str(out / split / f"{split}-%05d.tar"), maxcount=per_shard,
                              verbose=0) as sink:
             for i in range(n):
-                image, meta = make_sample(rng, images, labels, grid, cell)
+                image, meta = make_sample(rng, images, labels, grid, cell, kinds)
                 buf = io.BytesIO()
                 image.save(buf, format="PNG")
                 sink.write({"__key__": f"{split}{i:07d}", "png": buf.getvalue(),
@@ -89,6 +122,7 @@ def build_fashion_mnist(out: str | Path, *, source: str | Path = DEBIAN_DIR, tra
                 texts += [t["value"].replace("<image>\n", "") for t in meta["conversations"]]
     model = train_sentencepiece(texts, out / "tokenizer", vocab_size)
     info = {"train": train, "eval": eval, "grid": grid, "image_size": grid * cell,
-            "tokenizer": str(model), "classes": CLASSES, "source": str(source)}
+            "tokenizer": str(model), "classes": CLASSES, "source": str(source),
+            "questions": kinds}
     (out / "info.json").write_text(json.dumps(info, indent=2))
     return info
