@@ -89,3 +89,25 @@ def test_eval_rejects_bad_count(trained):
     result = run_tfx("eval", str(run), "--counts", "4,80", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("ConfigError: --counts: 80")
+
+
+def test_eval_every_checkpoint_draws_the_learning_curve(trained, tmp_path):
+    _, run = trained
+    result = run_tfx("eval", str(run), "--counts", "4,16", "--every-checkpoint", "--chance",
+                     "0.2", "--out", str(tmp_path / "curve"), timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [3, 6] and curve["chance"] == 0.2
+    assert (tmp_path / "curve" / "curve.png").stat().st_size > 5000
+    # the last point is the plain eval of the latest checkpoint
+    single = run_tfx("eval", str(run), "--counts", "4,16", "--out", str(tmp_path / "one"),
+                     timeout=120)
+    assert single.returncode == 0, single.stderr[-2000:]
+    last = json.loads((tmp_path / "one" / "eval.json").read_text())["results"]
+    assert curve["points"][-1]["results"] == last
+
+
+def test_eval_every_checkpoint_needs_checkpoints(tmp_path):
+    result = run_tfx("eval", str(tmp_path), "--counts", "4", "--every-checkpoint", timeout=60)
+    assert result.returncode == 2
+    assert "no complete checkpoint under checkpoints/" in result.stderr.strip().splitlines()[-1]

@@ -106,12 +106,21 @@ def cmd_eval(argv: list[str]) -> None:
     p.add_argument("--data", default=None, help="eval shards (default: the run's data.eval)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, help="folder for eval.json / eval.png")
+    p.add_argument("--every-checkpoint", action="store_true",
+                   help="evaluate each kept checkpoint of the run: curve.json/md/png")
+    p.add_argument("--chance", type=float, default=None, help="chance accuracy, for the curve")
     args = p.parse_args(argv)
 
     def go():
         _cpu_env_defaults()
         from tfx.eval.runner import parse_counts, run_eval
 
+        if args.every_checkpoint:
+            from tfx.eval.curve import run_curve
+
+            run_curve(args.checkpoint, parse_counts(args.counts), data=args.data,
+                      batch_size=args.batch_size, out=args.out, chance=args.chance)
+            return
         run_eval(args.checkpoint, parse_counts(args.counts), data=args.data,
                  batch_size=args.batch_size, out=args.out)
 

@@ -75,14 +75,16 @@ def accuracy_at(model: TokenFlexVLM, samples, n_visual: int, tok, batch_size: in
     return {k: sum(v) / len(v) for k, v in correct.items()} | {"n": len(samples)}
 
 
-def run_eval(path: str, counts: list[int], data: str | None = None, batch_size: int = 32,
-             out: str | None = None) -> dict:
-    model, cfg, tok, tag = load_model(path)
+def check_counts(counts: list[int], cfg: RunConfig) -> None:
     side = cfg.model.vision.grid_side
     for c in counts:
         if int(round(c ** 0.5)) ** 2 != c or c < 1 or c > side * side:
             raise ConfigError(f"--counts: {c} is not n*n with n <= {side}; use e.g. "
                               f"{suggest_counts(c, side)}")
+
+
+def eval_samples(cfg: RunConfig, tok, data: str | None) -> tuple[list, int]:
+    """The held-out samples (`data` or the config's data.eval) and how many were skipped."""
     spec = data or cfg.data.eval
     if spec is None:
         raise ConfigError("no eval data: pass --data DIR or set data.eval in the config")
@@ -90,13 +92,21 @@ def run_eval(path: str, counts: list[int], data: str | None = None, batch_size: 
     samples = read_eval_samples(spec, cfg, tok, skips)
     if not samples:
         raise ConfigError(f"eval data {spec}: no readable sample")
+    return samples, skips.skipped
+
+
+def run_eval(path: str, counts: list[int], data: str | None = None, batch_size: int = 32,
+             out: str | None = None) -> dict:
+    model, cfg, tok, tag = load_model(path)
+    check_counts(counts, cfg)
+    samples, skipped = eval_samples(cfg, tok, data)
     trained = set(cfg.tokens.counts)
     results = {}
     for c in counts:
         results[c] = accuracy_at(model, samples, c, tok, batch_size)
         log.info(f"N={c}: accuracy {results[c]['all']:.3f}")
     report = {"checkpoint": str(path), "tag": tag, "trained_counts": sorted(trained),
-              "samples": len(samples), "skipped": skips.skipped,
+              "samples": len(samples), "skipped": skipped,
               "results": {str(c): r for c, r in results.items()}}
     out_dir = Path(out) if out else Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
