@@ -26,7 +26,7 @@ def test_flex_vs_fixed_runs_every_model_and_resumes(synth_dir, tmp_path):
     cfg.write_text(yaml.safe_dump(raw))
     out = tmp_path / "exp"
     result = run_tfx("experiment", "flex-vs-fixed", str(cfg), "--seeds", "2", "--out",
-                     str(out), timeout=600)
+                     str(out), "--jobs", "2", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     assert report["eval_counts"] == [1, 4, 9, 16, 25]

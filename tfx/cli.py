@@ -296,12 +296,14 @@ def cmd_experiment(argv: list[str]) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="runs/flex-vs-fixed")
     p.add_argument("--nproc", type=int, default=1, help="ranks per training run")
+    p.add_argument("--jobs", type=int, default=1, help="training runs side by side")
     args = p.parse_args(argv)
 
     def go():
         from tfx.eval.experiment import flex_vs_fixed
 
-        flex_vs_fixed(args.config, args.overrides, args.out, args.seeds, args.nproc)
+        flex_vs_fixed(args.config, args.overrides, args.out, args.seeds, args.nproc,
+                      args.jobs)
 
     _run(go)
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tfx.config.load import load_config
@@ -38,7 +40,7 @@ def models(counts: list[int]) -> dict[str, list[str]]:
 
 
 def run_one(config: str, overrides: list[str], run_dir: Path, nproc: int, counts: list[int],
-            log) -> dict:
+            log, threads: int | None = None) -> dict:
     """Train (or resume) and evaluate one model; returns its eval report and costs."""
     report_path = run_dir / "eval" / "eval.json"
     cost_path = run_dir / "cost.json"
@@ -46,12 +48,13 @@ def run_one(config: str, overrides: list[str], run_dir: Path, nproc: int, counts
         log(f"{run_dir}: done before, skipped")
         return json.loads(report_path.read_text()) | json.loads(cost_path.read_text())
     cli = [sys.executable, "-m", "tfx.cli"]
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     t0 = time.perf_counter()
     train = cli + ["train", config, *overrides, f"train.output_dir={run_dir}", "--resume"]
     if nproc > 1:
         train += ["--nproc", str(nproc)]
     log(f"{run_dir}: training")
-    done = subprocess.run(train, capture_output=True, text=True)
+    done = subprocess.run(train, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise TfxError(f"training {run_dir} failed (exit {done.returncode}): "
                        f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
@@ -59,7 +62,8 @@ def run_one(config: str, overrides: list[str], run_dir: Path, nproc: int, counts
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     cost = {"wall_s": wall, "visual_tokens": rows[-1]["visual_tokens"], "steps": rows[-1]["step"]}
     ev = subprocess.run(cli + ["eval", str(run_dir), "--counts", ",".join(map(str, counts)),
-                               "--out", str(run_dir / "eval")], capture_output=True, text=True)
+                               "--out", str(run_dir / "eval")], capture_output=True, text=True,
+                        env=env)
     if ev.returncode != 0:
         raise TfxError(f"evaluating {run_dir} failed: {ev.stderr.strip().splitlines()[-1]}")
     cost_path.write_text(json.dumps(cost))
@@ -116,7 +120,9 @@ def plot(table: dict, counts: list[int], path: Path) -> None:
 
 
 def flex_vs_fixed(config: str, overrides: list[str], out: str | Path, seeds: int,
-                  nproc: int) -> dict:
+                  nproc: int, jobs: int = 1) -> dict:
+    """`jobs` runs train side by side, each with cores / (jobs * nproc) threads per rank: on a
+    small CPU machine two single-thread runs finish sooner than two runs in turn."""
     cfg = load_config(config, overrides)  # validates everything before the first run
     counts = list(cfg.tokens.counts)
     infer = eval_counts(counts, cfg.model.vision.grid_side)
@@ -125,21 +131,27 @@ def flex_vs_fixed(config: str, overrides: list[str], out: str | Path, seeds: int
     results: dict[str, list[dict]] = {}
 
     def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        sys.stderr.write(msg + "\n")  # one write: runs side by side log from threads
+        sys.stderr.flush()
 
-    for seed in range(seeds):
-        for model, extra in models(counts).items():
-            ov = [*overrides, *extra, f"train.seed={seed}", f"tokens.seed={seed}"]
-            report = run_one(config, ov, out / model / f"seed{seed}", nproc, infer, log)
-            results.setdefault(model, []).append(report)
+    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc)) if jobs > 1 else None
+    plan = [(model, seed, [*overrides, *extra, f"train.seed={seed}", f"tokens.seed={seed}"])
+            for seed in range(seeds) for model, extra in models(counts).items()]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        reports = list(pool.map(
+            lambda job: run_one(config, job[2], out / job[0] / f"seed{job[1]}", nproc, infer,
+                                log, threads), plan))
+    for (model, _, _), report in zip(plan, reports):
+        results.setdefault(model, []).append(report)
     table = summarise(results, infer)
     (out / "results.json").write_text(json.dumps(
         {"config": config, "overrides": overrides, "seeds": seeds, "trained_counts": counts,
          "eval_counts": infer, "table": table}, indent=2))
     text = markdown(table, infer, counts, seeds)
-    (out / "results.md").write_text(
-        f"Command: `tfx experiment flex-vs-fixed {config} {' '.join(overrides)} --seeds "
-        f"{seeds} --out {out}`\n\n{text}\n")
+    flags = f" --nproc {nproc}" * (nproc > 1) + f" --jobs {jobs}" * (jobs > 1)
+    command = " ".join(["tfx experiment flex-vs-fixed", config, *overrides,
+                        f"--seeds {seeds}{flags} --out {out}"])
+    (out / "results.md").write_text(f"Command: `{command}`\n\n{text}\n")
     plot(table, infer, out / "accuracy.png")
     print(text)
     print(f"wrote {out}/results.md, results.json, accuracy.png")
