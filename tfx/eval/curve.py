@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from tfx.errors import ConfigError
-from tfx.eval.runner import accuracy_at, check_counts, eval_samples, load_model
+from tfx.eval.runner import (accuracy_at, check_counts, eval_samples,
+                             finish_accuracy_plot, load_model)
 from tfx.log import get_logger
 from tfx.train import checkpoint
 
@@ -73,11 +74,4 @@ def plot(points: list[dict], counts: list[int], chance: float | None, path: Path
                 label=f"N={c}")
     if chance is not None:
         ax.axhline(chance, color="grey", ls="--", label="chance")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_accuracy_plot(fig, ax, "optimizer step", title, path)

@@ -146,7 +146,14 @@ def plot(results: dict[int, dict], trained: set[int], path: Path, title: str) ->
             ax.axvline(x, color="grey", alpha=0.25, lw=6)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("visual tokens N at inference (shaded: trained)")
+    finish_accuracy_plot(fig, ax, "visual tokens N at inference (shaded: trained)", title, path)
+
+
+def finish_accuracy_plot(fig, ax, xlabel: str, title: str, path: Path) -> None:
+    """Shared axes of the accuracy plots (0..1, labelled, legend), then write and close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
