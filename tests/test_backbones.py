@@ -52,8 +52,9 @@ def test_align_step_with_real_backbones(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (models / "smollm2-135m-instruct" / "tokenizer.json").is_file()
     data = tmp_path / "fm"
-    result = run_tfx("data", "fashion-mnist", "--out", str(data), "--grid", "2", "--cell", "112",
-                     "--train", "32", "--eval", "8", "--per-shard", "16", timeout=120)
+    result = run_tfx("data", "fashion-mnist", "--out", str(data), "--grid", "1", "--cell", "96",
+                     "--train", "32", "--eval", "8", "--per-shard", "16", "--questions", "cell",
+                     timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     raw = yaml.safe_load((ROOT / "configs" / "fmnist-real-align.yaml").read_text())
     raw["model"]["vision"]["path"] = str(models / "efficientnet-lite0.pth")
