@@ -42,3 +42,21 @@ def test_flex_vs_fixed_runs_every_model_and_resumes(synth_dir, tmp_path):
     again = run_tfx("experiment", "flex-vs-fixed", str(cfg), "--seeds", "2", "--out", str(out),
                     timeout=120)
     assert again.returncode == 0 and again.stderr.count("done before, skipped") == 6
+
+
+def test_failed_training_stops_the_experiment_before_the_next_run(synth_dir, tmp_path):
+    broken = tmp_path / "broken.model"
+    broken.write_bytes(b"not a sentencepiece model")  # passes the path check, fails in training
+    raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "unused"))
+    raw["tokens"].update(counts=[4, 16], probs=[0.4, 0.6])
+    raw["data"]["tokenizer"] = str(broken)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "exp"
+    result = run_tfx("experiment", "flex-vs-fixed", str(cfg), "--seeds", "2", "--out",
+                     str(out), timeout=300)
+    assert result.returncode != 0
+    assert "training" in result.stderr and "failed" in result.stderr.strip().splitlines()[-1]
+    started = [p for p in out.glob("*/seed*") if p.is_dir()]
+    assert [p.relative_to(out).as_posix() for p in started] == ["fixed-4/seed0"]
+    assert not (out / "results.json").exists()

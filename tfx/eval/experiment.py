@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -137,10 +138,21 @@ def flex_vs_fixed(config: str, overrides: list[str], out: str | Path, seeds: int
     threads = max(1, (os.cpu_count() or 1) // (jobs * nproc)) if jobs > 1 else None
     plan = [(model, seed, [*overrides, *extra, f"train.seed={seed}", f"tokens.seed={seed}"])
             for seed in range(seeds) for model, extra in models(counts).items()]
+    failed = threading.Event()
+
+    def job(model: str, seed: int, ov: list[str]) -> dict | None:
+        if failed.is_set():  # after a failure no new run starts; the ones under way finish
+            return None
+        try:
+            return run_one(config, ov, out / model / f"seed{seed}", nproc, infer, log, threads)
+        except BaseException:
+            failed.set()
+            raise
+
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        reports = list(pool.map(
-            lambda job: run_one(config, job[2], out / job[0] / f"seed{job[1]}", nproc, infer,
-                                log, threads), plan))
+        futures = [pool.submit(job, *p) for p in plan]
+        # runs start in plan order, so the first failure comes before any run it skipped
+        reports = [f.result() for f in futures]
     for (model, _, _), report in zip(plan, reports):
         results.setdefault(model, []).append(report)
     table = summarise(results, infer)
