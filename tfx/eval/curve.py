@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from tfx.errors import ConfigError
-from tfx.eval.runner import (accuracy_at, check_counts, eval_samples,
+from tfx.eval.runner import (accuracies, check_counts, eval_samples,
                              finish_accuracy_plot, load_model)
 from tfx.log import get_logger
 from tfx.train import checkpoint
@@ -33,7 +33,7 @@ def run_curve(run_dir: str, counts: list[int], data: str | None = None, batch_si
             check_counts(counts, cfg)
             samples, skipped = eval_samples(cfg, tok, data)
         step = int(tag.removeprefix("step_"))
-        accs = {str(c): accuracy_at(model, samples, c, tok, batch_size) for c in counts}
+        accs = accuracies(model, samples, counts, tok, batch_size)
         log.info(f"{tag}: " + ", ".join(f"N={c} {accs[str(c)]['all']:.3f}" for c in counts))
         points.append({"step": step, "tag": tag, "results": accs})
     out_dir = Path(out) if out else Path(run_dir)

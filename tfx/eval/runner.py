@@ -60,19 +60,27 @@ def load_model(path: str | Path, config: str | Path | None = None
 
 
 @torch.no_grad()
-def accuracy_at(model: TokenFlexVLM, samples, n_visual: int, tok, batch_size: int) -> dict:
-    correct: dict[str, list[int]] = {}
+def accuracies(model: TokenFlexVLM, samples, counts: list[int], tok, batch_size: int
+               ) -> dict[str, dict]:
+    """Accuracy (all, and per question type) at each N of `counts`, keyed by str(N). The
+    vision tower runs once per batch; only the projector and the LLM run once per N."""
+    correct: dict[str, dict[str, list[int]]] = {str(c): {} for c in counts}
     for i in range(0, len(samples), batch_size):
-        batch = collate(samples[i:i + batch_size], n_visual, tok)
-        logits_KV, targets_K, keep_BT = model.answer_logits(
-            batch["input_ids"], batch["pixel_values"], n_visual, batch["attention_mask"],
-            batch["labels"])
-        hit = ~keep_BT  # positions without a target count as hits
-        hit[keep_BT] = logits_KV.argmax(-1) == targets_K
-        for row, meta in zip(hit.all(dim=1).tolist(), batch["meta"]):
-            for kind in ("all", meta.get("type", "other")):
-                correct.setdefault(kind, []).append(int(row))
-    return {k: sum(v) / len(v) for k, v in correct.items()} | {"n": len(samples)}
+        feats_BTC = None
+        for c in counts:
+            batch = collate(samples[i:i + batch_size], c, tok)
+            if feats_BTC is None:
+                feats_BTC = model.vision(batch["pixel_values"])
+            logits_KV, targets_K, keep_BT = model.answer_logits(
+                batch["input_ids"], batch["pixel_values"], c, batch["attention_mask"],
+                batch["labels"], feats_BTC)
+            hit = ~keep_BT  # positions without a target count as hits
+            hit[keep_BT] = logits_KV.argmax(-1) == targets_K
+            for row, meta in zip(hit.all(dim=1).tolist(), batch["meta"]):
+                for kind in ("all", meta.get("type", "other")):
+                    correct[str(c)].setdefault(kind, []).append(int(row))
+    return {c: {k: sum(v) / len(v) for k, v in by_kind.items()} | {"n": len(samples)}
+            for c, by_kind in correct.items()}
 
 
 def check_counts(counts: list[int], cfg: RunConfig) -> None:
@@ -101,10 +109,9 @@ def run_eval(path: str, counts: list[int], data: str | None = None, batch_size: 
     check_counts(counts, cfg)
     samples, skipped = eval_samples(cfg, tok, data)
     trained = set(cfg.tokens.counts)
-    results = {}
-    for c in counts:
-        results[c] = accuracy_at(model, samples, c, tok, batch_size)
-        log.info(f"N={c}: accuracy {results[c]['all']:.3f}")
+    results = {int(c): r for c, r in accuracies(model, samples, counts, tok, batch_size).items()}
+    for c, r in results.items():
+        log.info(f"N={c}: accuracy {r['all']:.3f}")
     report = {"checkpoint": str(path), "tag": tag, "trained_counts": sorted(trained),
               "samples": len(samples), "skipped": skipped,
               "results": {str(c): r for c, r in results.items()}}

@@ -42,16 +42,19 @@ class TokenFlexVLM(nn.Module):
             hidden_ratio=cfg.projector.hidden_ratio, pool=cfg.projector.pool,
             kernel=cfg.projector.kernel)
 
-    def visual_tokens(self, pixel_values: torch.Tensor, n_visual: int) -> torch.Tensor:
+    def visual_tokens(self, feats_BTC: torch.Tensor, n_visual: int) -> torch.Tensor:
+        """The tower's (B, H*W, C) grid -> (B, N, D) visual tokens."""
         n = int(round(n_visual ** 0.5))
-        feats_BTC = self.vision(pixel_values)
         return self.projector(feats_BTC, self.vision.grid_hw, n)
 
-    def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor,
-              n_visual: int) -> torch.Tensor:
+    def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
+              feats_BTC: torch.Tensor | None = None) -> torch.Tensor:
+        """`feats_BTC`: the tower's output for `pixel_values` when already computed (eval at
+        several N runs the tower once per batch)."""
         embeds_BTD = self.llm.get_input_embeddings()(input_ids_BT)
-        pixel_values = pixel_values.to(embeds_BTD.dtype)
-        visual_BND = self.visual_tokens(pixel_values, n_visual).to(embeds_BTD.dtype)
+        if feats_BTC is None:
+            feats_BTC = self.vision(pixel_values.to(embeds_BTD.dtype))
+        visual_BND = self.visual_tokens(feats_BTC, n_visual).to(embeds_BTD.dtype)
         embeds_BTD = splice_visual(embeds_BTD, input_ids_BT, visual_BND, self.image_ids.context)
         # Rows without an image still ran the tower: keep it in the graph with weight 0.
         return embeds_BTD + 0.0 * visual_BND.sum()
@@ -72,11 +75,12 @@ class TokenFlexVLM(nn.Module):
         return F.cross_entropy(logits_KV.float(), targets_K, reduction="sum")
 
     def answer_logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
-                      attention_mask: torch.Tensor | None, labels: torch.Tensor
+                      attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                      feats_BTC: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K, V) logits at the K supervised positions, their (K,) targets, and the (B, T)
         mask of those positions."""
-        embeds_BTD = self.embed(input_ids, pixel_values, n_visual)
+        embeds_BTD = self.embed(input_ids, pixel_values, n_visual, feats_BTC)
         hidden_BTD = self.llm.model(inputs_embeds=embeds_BTD, attention_mask=attention_mask,
                                     use_cache=False).last_hidden_state
         targets_BT = shifted_targets(labels)
