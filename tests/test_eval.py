@@ -43,5 +43,5 @@ def test_accuracies_at_several_counts_equal_each_count_alone(synth_dir, tmp_path
     together = accuracies(model, samples, [4, 16, 36], tok, batch_size=16)
     assert len(calls) == 4  # 64 samples in 4 batches: one tower pass each, for all 3 counts
     for c in (4, 16, 36):
-        assert together[str(c)] == accuracies(model, samples, [c], tok, batch_size=16)[str(c)]
+        assert together[c] == accuracies(model, samples, [c], tok, batch_size=16)[c]
     assert all(r["n"] == 64 and 0 <= r["all"] <= 1 for r in together.values())

@@ -34,7 +34,7 @@ def run_curve(run_dir: str, counts: list[int], data: str | None = None, batch_si
             samples, skipped = eval_samples(cfg, tok, data)
         step = int(tag.removeprefix("step_"))
         accs = accuracies(model, samples, counts, tok, batch_size)
-        log.info(f"{tag}: " + ", ".join(f"N={c} {accs[str(c)]['all']:.3f}" for c in counts))
+        log.info(f"{tag}: " + ", ".join(f"N={c} {accs[c]['all']:.3f}" for c in counts))
         points.append({"step": step, "tag": tag, "results": accs})
     out_dir = Path(out) if out else Path(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def table(points: list[dict], counts: list[int], chance: float | None) -> str:
              "|" + "---|" * (len(counts) + 1)]
     for p in points:
         lines.append(f"| {p['step']} | " + " | ".join(
-            f"{p['results'][str(c)]['all']:.3f}" for c in counts) + " |")
+            f"{p['results'][c]['all']:.3f}" for c in counts) + " |")
     if chance is not None:
         lines += ["", f"Exact-match accuracy on the held-out set; chance is {chance:.3f}."]
     return "\n".join(lines)
@@ -70,7 +70,7 @@ def plot(points: list[dict], counts: list[int], chance: float | None, path: Path
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [p["step"] for p in points]
     for c in counts:
-        ax.plot(steps, [p["results"][str(c)]["all"] for p in points], marker="o",
+        ax.plot(steps, [p["results"][c]["all"] for p in points], marker="o",
                 label=f"N={c}")
     if chance is not None:
         ax.axhline(chance, color="grey", ls="--", label="chance")

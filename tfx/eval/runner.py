@@ -61,10 +61,10 @@ def load_model(path: str | Path, config: str | Path | None = None
 
 @torch.no_grad()
 def accuracies(model: TokenFlexVLM, samples, counts: list[int], tok, batch_size: int
-               ) -> dict[str, dict]:
-    """Accuracy (all, and per question type) at each N of `counts`, keyed by str(N). The
+               ) -> dict[int, dict]:
+    """Accuracy (all, and per question type) at each N of `counts`, keyed by N. The
     vision tower runs once per batch; only the projector and the LLM run once per N."""
-    correct: dict[str, dict[str, list[int]]] = {str(c): {} for c in counts}
+    correct: dict[int, dict[str, list[int]]] = {c: {} for c in counts}
     for i in range(0, len(samples), batch_size):
         feats_BTC = None
         for c in counts:
@@ -78,7 +78,7 @@ def accuracies(model: TokenFlexVLM, samples, counts: list[int], tok, batch_size:
             hit[keep_BT] = logits_KV.argmax(-1) == targets_K
             for row, meta in zip(hit.all(dim=1).tolist(), batch["meta"]):
                 for kind in ("all", meta.get("type", "other")):
-                    correct[str(c)].setdefault(kind, []).append(int(row))
+                    correct[c].setdefault(kind, []).append(int(row))
     return {c: {k: sum(v) / len(v) for k, v in by_kind.items()} | {"n": len(samples)}
             for c, by_kind in correct.items()}
 
@@ -109,7 +109,7 @@ def run_eval(path: str, counts: list[int], data: str | None = None, batch_size: 
     check_counts(counts, cfg)
     samples, skipped = eval_samples(cfg, tok, data)
     trained = set(cfg.tokens.counts)
-    results = {int(c): r for c, r in accuracies(model, samples, counts, tok, batch_size).items()}
+    results = accuracies(model, samples, counts, tok, batch_size)
     for c, r in results.items():
         log.info(f"N={c}: accuracy {r['all']:.3f}")
     report = {"checkpoint": str(path), "tag": tag, "trained_counts": sorted(trained),
