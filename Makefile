@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_COUNTS ?= 1,4,9,16,25,36,49,64
 
-.PHONY: install install-real demo test clean debian-deps
+.PHONY: install install-real demo test lint clean compiler debian-deps
 
 $(STAMP): requirements.txt setup.py
 	$(PY) -m venv $(VENV)
@@ -25,25 +25,34 @@ $(REAL_STAMP): $(STAMP) requirements-real.txt
 
 install-real: $(REAL_STAMP)
 
-# Debian packages with real data (Fashion-MNIST for `tfx data fashion-mnist` and its tests).
+# Debian packages: a C++ compiler (DeepSpeed JIT-builds a comm op on the first CPU launch,
+# into build/torch_extensions) and real data (Fashion-MNIST for `tfx data fashion-mnist`).
+# Only the missing ones are installed, with sudo unless root.
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-debian-deps:
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+compiler:
+	@if ! command -v c++ >/dev/null; then \
+		echo "installing g++ (DeepSpeed compiles a C++ op on the first CPU launch)"; \
+		$(SUDO) apt-get update -qq && $(APT) install -y -qq g++; fi
+
+debian-deps: compiler
 	@if [ ! -d $(FMNIST) ] && command -v apt-get >/dev/null; then \
-		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq dataset-fashion-mnist; } \
+		{ $(SUDO) apt-get update -qq && $(APT) install -y -qq dataset-fashion-mnist; } \
 		|| echo "could not install dataset-fashion-mnist: its tests will be skipped"; fi
 
 data/demo/info.json: $(STAMP) tfx/data/builders/synth.py
 	rm -rf data/demo
 	$(BIN)/tfx data synth --out data/demo
 
-demo: $(STAMP) data/demo/info.json
-	rm -rf runs/demo
-	$(BIN)/tfx train configs/demo.yaml --nproc 2
-	$(BIN)/tfx eval runs/demo --counts $(DEMO_COUNTS)
+demo: $(STAMP) compiler data/demo/info.json
+	$(BIN)/tfx train configs/demo.yaml --nproc 2 --overwrite
+	$(BIN)/tfx eval runs/demo --counts $(DEMO_COUNTS) --chance 0.2
 
-test: $(STAMP) $(REAL_STAMP) debian-deps
+lint: $(STAMP)
+	$(BIN)/ruff check tfx kernels tests
+
+test: $(STAMP) $(REAL_STAMP) debian-deps lint
 	$(BIN)/pytest -q -rs
 
 clean:

@@ -56,7 +56,8 @@ def mixed_len_dir(synth_dir, tmp_path_factory) -> Path:
             for t in range(rng.randint(1, 3)):
                 q = " ".join(rng.choices(words, k=rng.randint(2, 12)))
                 turns += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q},
-                          {"from": "gpt", "value": " ".join(rng.choices(words, k=rng.randint(1, 6)))}]
+                          {"from": "gpt",
+                           "value": " ".join(rng.choices(words, k=rng.randint(1, 6)))}]
             sink.write({"__key__": f"mixed{i:05d}", "png": pngs[i % len(pngs)],
                         "json": json.dumps({"conversations": turns}).encode()})
     return out
@@ -88,10 +89,31 @@ def tiny_config_yaml(synth: Path, out_dir: Path, **sections) -> str:
     return yaml.safe_dump(cfg)
 
 
-def run_tfx(*args: str, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_tfx(*args: str, timeout: int = 240, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
+    if cwd is not None:  # `python -m tfx.cli` from elsewhere still imports this checkout
+        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels")]
+                                                 + [full_env.get("PYTHONPATH", "")])
     return subprocess.run(["timeout", "-k", "10", str(timeout), sys.executable, "-m", "tfx.cli",
-                           *args], capture_output=True, text=True, env=full_env, cwd=ROOT)
+                           *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd or ROOT)
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def tiny_run_config(synth: Path, tmp_path: Path, name: str = "run", **train) -> tuple[Path, Path]:
+    """(config file, run folder) of the tiny config with `train` keys replaced."""
+    import yaml
+
+    raw = yaml.safe_load(tiny_config_yaml(synth, tmp_path / name))
+    raw["train"].update(train)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, tmp_path / name
 
 
 @pytest.fixture(scope="session")

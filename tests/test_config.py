@@ -2,8 +2,8 @@
 
 import pytest
 import yaml
-
 from conftest import run_tfx, tiny_config_yaml
+
 from tfx.config.load import load_config
 from tfx.errors import ConfigError
 
@@ -23,7 +23,8 @@ def test_overrides_are_typed(cfg_file):
 
 @pytest.mark.parametrize("override, message", [
     (["train.lrr=1"], "train.lrr: unknown key; did you mean train.lr?"),
-    (["tokens.counts=[90]", "tokens.probs=[1.0]"], "tokens.counts: 90 is not n*n; use e.g. 36, 49, 64"),
+    (["tokens.counts=[90]", "tokens.probs=[1.0]"],
+     "tokens.counts: 90 is not n*n; use e.g. 36, 49, 64"),
     (["tokens.counts=[4,16,81]"], "tokens.counts: 81 is 9x9 but n exceeds the vision grid side 8"),
     (["tokens.probs=[0.2,0.3,0.6]"], "must be >= 0 and sum to 1"),
     (["train.max_steps=ten"], "train.max_steps: expected int, got 'ten'"),

@@ -6,8 +6,8 @@ import tarfile
 
 import pytest
 import yaml
-
 from conftest import tiny_config_yaml
+
 from tfx.config.load import build
 from tfx.config.schema import RunConfig
 from tfx.data.collate import collate
@@ -198,3 +198,43 @@ def test_collate_expands_image_and_masks_labels(synth_dir, tmp_path):
         assert int(lengths.max()) == ids.shape[1]  # padded only to the batch maximum
     one = collate(stream.next_samples()[:1], 16, tok)
     assert one["padded_tokens"] == 0
+
+
+@pytest.mark.multiproc
+def test_tokenisation_skips_count_towards_the_consecutive_limit(synth_dir, tmp_path):
+    """Every sample too long for data.max_text_tokens: both ranks stop with one DataError line
+    in seconds (they used to skip forever while the other rank waited in a collective)."""
+    import time
+
+    from conftest import run_tfx, tiny_run_config
+
+    cfg, _ = tiny_run_config(synth_dir, tmp_path, max_steps=50)
+    t0 = time.time()
+    result = run_tfx("train", str(cfg), "data.max_text_tokens=3",
+                     "data.max_consecutive_errors=20", "--nproc", "2", timeout=120)
+    assert time.time() - t0 < 90 and result.returncode == 2, result.stderr[-2000:]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("DataError:")]
+    assert errors and all("21 bad samples in a row" in ln and "over-long" in ln
+                          for ln in errors)
+
+
+def test_a_storage_error_stops_the_run_naming_the_shard(synth_dir, tmp_path):
+    """A shard that cannot be read (EIO) is not a damaged sample to skip: the run stops with
+    one line naming it (it used to train on, silently skipping the shard every epoch)."""
+    import os
+
+    from conftest import last_line, run_tfx, tiny_run_config
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for p in sorted((synth_dir / "train").glob("*.tar"))[:2]:
+        os.symlink(p, shards / p.name)
+    bad = shards / "zzz-unreadable.tar"
+    os.symlink("/proc/self/mem", bad)  # a regular file whose every read fails with EIO
+    cfg, _ = tiny_run_config(synth_dir, tmp_path, max_steps=40, save_every=0)
+    result = run_tfx("train", str(cfg), f"data.train={shards}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"DataError: I/O error reading shard {bad}: OSError: [Errno 5] Input/output error" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+    assert last_line(result).startswith("tfx train: stopped (DataError)")

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import run_tfx, tiny_config_yaml
+
 from tfx.eval.experiment import eval_counts
 
 pytestmark = pytest.mark.multiproc
@@ -57,6 +57,7 @@ def test_failed_training_stops_the_experiment_before_the_next_run(synth_dir, tmp
                      str(out), timeout=300)
     assert result.returncode != 0
     assert "training" in result.stderr and "failed" in result.stderr.strip().splitlines()[-1]
-    started = [p for p in out.glob("*/seed*") if p.is_dir()]
-    assert [p.relative_to(out).as_posix() for p in started] == ["fixed-4/seed0"]
+    started = [ln.split("] ", 1)[1].removesuffix(": training")
+               for ln in result.stderr.splitlines() if ln.endswith(": training")]
+    assert started == [str(out / "fixed-4" / "seed0")]
     assert not (out / "results.json").exists()

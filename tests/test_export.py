@@ -3,18 +3,19 @@ imports tfx, both vision and both LLM families, sharded and bf16 export, process
 tokenisation, and one-line errors that leave OUT untouched."""
 
 import json
+import stat
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-
 from conftest import run_tfx, tiny_config_yaml
+
 from tfx.data.collate import collate
 from tfx.data.decode import SkipCounter
 from tfx.data.pipeline import read_eval_samples
-from tfx.eval.runner import load_model
+from tfx.train.load import load_model
 
 pytestmark = pytest.mark.multiproc
 
@@ -33,7 +34,8 @@ torch.save({"logits": logits, "dtype": str(model.dtype),
 
 
 def parity(run, out, tmp_path, counts=(4, 16, 36), atol=1e-5):
-    model, cfg, tok, _ = load_model(run)
+    loaded = load_model(run)
+    model, cfg, tok = loaded.model, loaded.cfg, loaded.tok
     samples = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))[:6]
     batches, expected = {}, {}
     for n in counts:
@@ -69,6 +71,8 @@ def test_export_parity_fresh_process_siglip_qwen2(two_rank_run, tmp_path):
     for name in ("model.safetensors", "tokenizer.model", "tokenizer_config.json",
                  "chat_template.jinja", "processor_config.json", "modeling_tokenflex.py"):
         assert (out / name).is_file(), name
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # not 0600 alone
     parity(run, out, tmp_path)
     # `import tfx` (before transformers) registers the classes: no trust_remote_code needed
     code = ("import tfx, sys\nfrom transformers import AutoModelForImageTextToText as A\n"
@@ -82,7 +86,8 @@ def test_processor_matches_training_tokenisation(two_rank_run, tmp_path):
     from tfx.export.convert import processor_for
 
     _, run = two_rank_run
-    _, cfg, tok, _ = load_model(run)
+    loaded = load_model(run)
+    cfg, tok = loaded.cfg, loaded.tok
     processor = processor_for(cfg, tok)
     sample = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))[0]
     question = sample.meta["conversations"][0]["value"].replace("<image>\n", "")
@@ -159,7 +164,8 @@ def test_errors_are_one_line_and_leave_out_untouched(two_rank_run, synth_dir, tm
     cases = [
         (("convert", str(run), str(out), "--config", str(other_cfg)),
          "CheckpointError:", "different model config"),
-        (("convert", str(tmp_path / "missing"), str(out)), "CheckpointError:", "no complete"),
+        (("convert", str(tmp_path / "missing"), str(out)), "CheckpointError:", "does not exist"),
+        (("convert", str(tmp_path), str(out)), "CheckpointError:", "no complete"),
         (("convert", str(run), str(out), "--dtype", "fp8"), "ConfigError:", "--dtype"),
         (("generate", "--model", str(run), "--image", str(tmp_path / "none.png"), "--prompt",
           "q"), "ConfigError:", "--image"),
@@ -175,13 +181,21 @@ def test_errors_are_one_line_and_leave_out_untouched(two_rank_run, synth_dir, tm
     result = run_tfx("convert", str(run), str(out), timeout=180)
     assert result.returncode == 2 and "--force" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("mine")
+    result = run_tfx("convert", str(run), str(a_file), "--force", timeout=180)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ConfigError: {a_file} exists and is not a folder; pick another OUT")
+    assert a_file.read_text() == "mine"
 
 
 def test_batched_generate_equals_one_by_one(two_rank_run):
     from tfx.export.convert import processor_for, to_hf
 
     _, run = two_rank_run
-    model, cfg, tok, _ = load_model(run)
+    loaded = load_model(run)
+    model, cfg, tok = loaded.model, loaded.cfg, loaded.tok
     hf, processor = to_hf(model, cfg, tok), processor_for(cfg, tok)
     samples = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))
     from PIL import Image

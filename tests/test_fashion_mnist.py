@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import run_tfx
 from PIL import Image
 
-from conftest import run_tfx
 from tfx.data.builders.fashion_mnist import CLASSES, DEBIAN_DIR, FRAME, ORDINAL, read_split
 
 pytestmark = pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(),

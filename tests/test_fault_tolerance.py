@@ -1,7 +1,10 @@
-"""Fault tolerance on 2 CPU ranks under ZeRO-3: kill -9 of every rank, then --resume, ends with
-bitwise the weights of an uninterrupted run and the same sample keys; a kill in the middle of a
-checkpoint save leaves the previous checkpoint as `latest` and training continues; an injected
-rank divergence fails at once with the ranks and modules named."""
+"""Fault tolerance on 2 CPU ranks under ZeRO-3: kill -9 of every rank, or Ctrl-C at a random
+step, then --resume, ends with bitwise the weights of an uninterrupted run and the same sample
+keys; a second Ctrl-C aborts at once; a kill in the middle of a checkpoint save leaves the
+previous checkpoint as `latest`; a crashed rank ends the run in seconds with a last line naming
+the checkpoint and the resume command; a damaged checkpoint file is found and named, and
+--resume falls back to the previous checkpoint; an injected rank divergence fails at once with
+the ranks and modules named."""
 
 import json
 import os
@@ -11,11 +14,12 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import yaml
+from conftest import ROOT, last_line, run_tfx, tiny_config_yaml
 
-from conftest import ROOT, run_tfx, tiny_config_yaml
 from tfx.train import checkpoint
 
 pytestmark = pytest.mark.multiproc
@@ -41,23 +45,139 @@ def final_weights(run):
     return checkpoint.load_consolidated(root, tag)
 
 
-def test_kill_9_then_resume_is_bitwise_identical(synth_dir, tmp_path):
-    cfg_a, run_a = write_cfg(synth_dir, tmp_path, "straight")
-    result = run_tfx("train", str(cfg_a), "--nproc", "2", timeout=300)
+@pytest.fixture(scope="module")
+def straight(synth_dir, tmp_path_factory):
+    """The uninterrupted 10-step run the interrupted ones must reproduce bitwise."""
+    cfg, run = write_cfg(synth_dir, tmp_path_factory.mktemp("straight"), "straight")
+    result = run_tfx("train", str(cfg), "--nproc", "2", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return cfg, run
 
+
+def wait_for_steps(proc, run, n, timeout=240):
+    trace = run / "trace" / "rank0.jsonl"
+    end = time.time() + timeout
+    while not (trace.exists() and len(trace.read_text().splitlines()) >= n):
+        assert time.time() < end and proc.poll() is None, proc.poll()
+        time.sleep(0.05)
+
+
+def start(cfg, *args, env=None):
+    """`tfx train` as from a terminal: its own process group, the target of Ctrl-C."""
+    return subprocess.Popen([sys.executable, "-m", "tfx.cli", "train", str(cfg), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, **(env or {})))
+
+
+def test_ctrl_c_checkpoints_the_step_and_resume_is_bitwise_identical(synth_dir, tmp_path,
+                                                                      straight):
+    _, run_a = straight
+    cfg_b, run_b = write_cfg(synth_dir, tmp_path, "interrupted")
+    stop_at = random.Random().randint(2, 8)
+    proc = start(cfg_b, "--nproc", "2", env={"TFX_FAULT": "slow:150"})
+    wait_for_steps(proc, run_b, stop_at)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    stopped = len((run_b / "trace" / "rank0.jsonl").read_text().splitlines())
+    tag = f"step_{stopped:07d}"
+    assert stopped < 10 and checkpoint.latest_tag(run_b / "checkpoints") == tag
+    assert err.strip().splitlines()[-1] == (
+        f"tfx train: interrupted; latest complete checkpoint {run_b / 'checkpoints' / tag}; "
+        f"continue with: tfx train {cfg_b} --nproc 2 --resume")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert sum("got SIGINT" in line for line in err.splitlines()) == 2  # one line per rank
+    result = run_tfx("train", str(cfg_b), "--nproc", "2", "--resume", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {tag} at step {stopped}" in result.stderr
+    a, b = final_weights(run_a), final_weights(run_b)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), f"interrupted after step {stopped}"
+
+
+def test_a_second_ctrl_c_aborts_at_once(synth_dir, tmp_path):
+    cfg, run = write_cfg(synth_dir, tmp_path, "aborted")
+    proc = start(cfg, "--nproc", "2", env={"TFX_FAULT": "slow:400"})
+    wait_for_steps(proc, run, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 10  # not after the step and a save
+    assert proc.returncode == 130
+    assert last_line(subprocess.CompletedProcess([], 130, "", err)).startswith(
+        "tfx train: aborted by a second Ctrl-C; latest complete checkpoint")
+
+
+def test_a_crashed_rank_ends_the_run_with_the_resume_command(synth_dir, tmp_path):
+    cfg, run = write_cfg(synth_dir, tmp_path, "crashed")
+    t0 = time.time()
+    result = run_tfx("train", str(cfg), "--nproc", "2", timeout=120,
+                     env={"TFX_FAULT": "crash:1:5"})
+    assert time.time() - t0 < 60
+    assert result.returncode == 1
+    assert "injected crash on rank 1 in forward 5" in result.stderr
+    assert last_line(result) == (
+        f"tfx train: stopped (exit 1); latest complete checkpoint "
+        f"{run / 'checkpoints' / 'step_0000004'}; after fixing the cause, continue with: "
+        f"tfx train {cfg} --nproc 2 --resume")
+
+
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back(two_rank_run, tmp_path):
+    import shutil
+
+    cfg, base = two_rank_run  # checkpoints at steps 3 and 6
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    bad = run / "checkpoints" / "step_0000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = bad.stat().st_size
+    bad.write_bytes(bad.read_bytes()[:size // 2])  # a truncated copy
+    for cmd in (("eval", str(run), "--counts", "4"),
+                ("convert", str(run), str(tmp_path / "hf"))):
+        result = run_tfx(*cmd, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert last_line(result) == (
+            f"CheckpointError: checkpoint {run / 'checkpoints' / 'step_0000006'} is damaged: "
+            f"{bad} has {size // 2:,} bytes, {size:,} when saved (truncated?); an older one is "
+            f"{run / 'checkpoints' / 'step_0000003'}")
+    result = run_tfx("train", str(cfg), f"train.output_dir={run}", "--nproc", "2", "--resume",
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    damaged = [ln for ln in result.stderr.splitlines() if "is damaged" in ln]
+    assert len(damaged) == 1 and damaged[0].endswith(
+        f"checkpoint step_0000006 is damaged: {bad} has {size // 2:,} bytes, {size:,} when "
+        f"saved (truncated?); falling back to step_0000003")
+    assert "resumed from step_0000003 at step 3" in result.stderr
+    assert checkpoint.latest_tag(run / "checkpoints") == "step_0000006"
+    assert checkpoint.verify(run / "checkpoints" / "step_0000006") is None  # written anew
+
+
+def test_a_flipped_byte_is_found_by_its_checksum(two_rank_run, tmp_path):
+    import shutil
+
+    _, base = two_rank_run
+    tag = tmp_path / "step_0000003"
+    shutil.copytree(base / "checkpoints" / "step_0000003", tag)
+    assert checkpoint.verify(tag) is None
+    victim = tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert checkpoint.verify(tag) == f"{victim} does not match its SHA-256 from the save " \
+        "(damaged)"
+
+
+def test_kill_9_then_resume_is_bitwise_identical(synth_dir, tmp_path, straight):
+    _, run_a = straight
     cfg_b, run_b = write_cfg(synth_dir, tmp_path, "killed")
     kill_at = random.Random().randint(3, 8)
-    proc = subprocess.Popen([sys.executable, "-m", "tfx.cli", "train", str(cfg_b), "--nproc",
-                             "2"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    trace = run_b / "trace" / "rank0.jsonl"
-    end = time.time() + 240
-    while not (trace.exists() and len(trace.read_text().splitlines()) >= kill_at):
-        assert time.time() < end and proc.poll() is None
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no chance to save
-    proc.wait()
+    proc = start(cfg_b, "--nproc", "2", env={"TFX_FAULT": "slow:100"})
+    wait_for_steps(proc, run_b, kill_at)
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()  # the launcher and both ranks, no chance to save
+    proc.kill()
+    proc.communicate()
     before = checkpoint.latest_tag(run_b / "checkpoints")
     assert before != "step_0000010", "the run finished before the kill"
     result = run_tfx("train", str(cfg_b), "--nproc", "2", "--resume", timeout=300)

@@ -12,7 +12,6 @@ os.environ["TFX_KERNEL_POISON"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from tfx_kernels import fused_projector, pool, reference_projector, unpool  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import yaml
+from conftest import run_tfx, tiny_config_yaml
 from PIL import Image
 
-from conftest import run_tfx, tiny_config_yaml
 from tfx.data.builders.llava import read_index, sample_key
 from tfx.data.tokenizer import encode_with_image, load_tokenizer
 
@@ -84,3 +84,50 @@ def test_llava_json_converts_trains_and_evaluates(synth_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["samples"] == 42
+
+
+def test_nothing_written_is_an_error_with_the_reasons(synth_dir, tmp_path):
+    from conftest import last_line
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "x.gif")
+    turns = [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "red"}]
+    records = [{"id": "a", "image": "missing.png", "conversations": turns},
+               {"id": "b", "image": "x.gif", "conversations": turns},
+               {"id": "c", "image": "x.gif", "conversations": "not a list"}]
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(records))
+    out = tmp_path / "shards"
+    result = run_tfx("data", "llava", "--json", str(src), "--images", str(images), "--out",
+                     str(out), "--tokenizer", str(synth_dir / "tokenizer.model"))
+    assert result.returncode == 2
+    assert last_line(result).startswith(
+        "DataError: no sample written: all 3 records skipped (image not found: 1, image type "
+        "not supported: 1, record without conversations: 1); first: record 0 (a): "
+        "FileNotFoundError")
+    assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
+
+
+def test_a_chat_template_that_re_renders_turns_is_refused(synth_dir, tmp_path):
+    """Labels are the tokens a turn adds to the conversation; a template that changes earlier
+    turns when one is added (here: it marks only the last message) would shift them."""
+    from conftest import last_line
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    folder = tmp_path / "tok"
+    SentencePieceBackend(
+        vocab_file=str(synth_dir / "tokenizer.model"), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>",
+        chat_template="{% for m in messages %}{% if loop.last %}LAST {% endif %}"
+                      "{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}A: "
+                      "{% endif %}").save_pretrained(str(folder))
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps([{"id": "t", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}]}]))
+    result = run_tfx("data", "llava", "--json", str(src), "--images", str(tmp_path), "--out",
+                     str(tmp_path / "shards"), "--tokenizer", str(folder))
+    assert result.returncode == 2
+    assert last_line(result).startswith(f"ConfigError: data.tokenizer: {folder}: the chat "
+                                        "template")
+    assert "re-renders earlier turns" in last_line(result)

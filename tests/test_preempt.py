@@ -11,8 +11,7 @@ import time
 
 import pytest
 import yaml
-
-from conftest import ROOT, tiny_config_yaml
+from conftest import ROOT
 
 pytestmark = pytest.mark.multiproc
 

@@ -31,6 +31,48 @@ def test_adaptive_pool_matches_pytorch_and_bins(side, n):
     torch.testing.assert_close(got.double(), pool_by_bins(x, side, n), rtol=1e-6, atol=1e-6)
 
 
+def interp_by_hand(x_BTC, side, n):
+    """Independent reference of `interp`: resize side -> k*n with k = ceil(side / n) by
+    bilinear interpolation with aligned corners (output i samples input i*(side-1)/(k*n-1)),
+    written out in float64, then the mean of each k x k block."""
+    B, _, C = x_BTC.shape
+    k = math.ceil(side / n)
+    m = k * n
+    grid = x_BTC.double().reshape(B, side, side, C)
+
+    def weights(size_in, size_out):
+        w = torch.zeros(size_out, size_in, dtype=torch.float64)
+        for i in range(size_out):
+            pos = i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+            lo = min(int(math.floor(pos)), size_in - 1)
+            hi = min(lo + 1, size_in - 1)
+            w[i, lo] += 1 - (pos - lo)
+            w[i, hi] += pos - lo
+        return w
+
+    wr = weights(side, m)
+    resized = torch.einsum("ir,brcx,jc->bijx", wr, grid, wr)
+    return resized.reshape(B, n, k, n, k, C).mean(dim=(2, 4)).reshape(B, n * n, C)
+
+
+@pytest.mark.parametrize("side, n", [(27, 8), (27, 12), (27, 16), (7, 3), (9, 4)])
+def test_interp_pool_is_aligned_corners_bilinear_then_ceil_blocks(side, n):
+    x = torch.randn(2, side * side, 5)
+    got = pool_grid(x, (side, side), n, "interp").double()
+    want = interp_by_hand(x, side, n)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the reference is sharp enough to tell the variants a wrong implementation would use
+    B, C = 2, 5
+    x_BCHW = x.transpose(1, 2).reshape(B, C, side, side)
+    for k, align in ((math.ceil(side / n), False), (max(1, side // n), True)):
+        if (k, align) == (math.ceil(side / n), True):
+            continue
+        resized = F.interpolate(x_BCHW, size=(k * n, k * n), mode="bilinear",
+                                align_corners=align)
+        wrong = F.avg_pool2d(resized, k).flatten(2).transpose(1, 2).double()
+        assert (wrong - want).abs().max() > 1e-3, (k, align)
+
+
 def test_interp_pool_shapes_and_identity():
     x = torch.randn(1, 16 * 16, 3)
     assert pool_grid(x, (16, 16), 6, "interp").shape == (1, 36, 3)

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import ROOT, tiny_config_yaml
 
 pytestmark = pytest.mark.multiproc

@@ -4,8 +4,9 @@ import json
 import shutil
 
 import pytest
-
+import yaml
 from conftest import run_tfx
+
 from tfx.config.schema import TokensConfig
 from tfx.data.schedule import TokenSchedule
 
@@ -36,14 +37,22 @@ def test_zero3_shards_parameters(trained):
             assert abs(row["on_rank"] / row["params"] - 0.5) < 0.01
 
 
-def test_ranks_agree_on_n_and_read_disjoint_samples(trained):
+def test_ranks_feed_the_scheduled_n_and_read_disjoint_samples(trained):
+    """The <IMG_CONTEXT> ids counted in each rank's batches (not the loop's own N) follow the
+    schedule, identical on both ranks."""
     _, run = trained
     t0, t1 = read_trace(run, 0), read_trace(run, 1)
     schedule = TokenSchedule(TokensConfig(mode="random", counts=(4, 16, 36),
                                           probs=(0.2, 0.3, 0.5), seed=3))
-    assert [r["n_visual"] for r in t0] == [r["n_visual"] for r in t1] == \
-        [schedule.n_at(s) for s in range(6)]
+    expected = [schedule.n_at(s) for s in range(6)]
+    assert len(set(expected)) > 1
+    for trace in (t0, t1):
+        assert [r["step"] for r in trace] == list(range(6))
+        for row, n in zip(trace, expected):
+            assert len(row["context_tokens"]) == len(row["keys"]) == 4
+            assert set(row["context_tokens"]) == {n}  # every row of the synth set has an image
     assert not {k for r in t0 for k in r["keys"]} & {k for r in t1 for k in r["keys"]}
+    assert not list(run.glob("rank*.pid"))  # removed when the ranks exited
 
 
 def test_resume_continues_at_the_right_step_n_and_samples(trained, tmp_path):
@@ -111,3 +120,40 @@ def test_eval_every_checkpoint_needs_checkpoints(tmp_path):
     result = run_tfx("eval", str(tmp_path), "--counts", "4", "--every-checkpoint", timeout=60)
     assert result.returncode == 2
     assert "no complete checkpoint under checkpoints/" in result.stderr.strip().splitlines()[-1]
+
+
+def test_eval_on_two_ranks_equals_one_process(trained, tmp_path):
+    _, run = trained
+    outs = {}
+    for nproc in ("1", "2"):
+        result = run_tfx("eval", str(run), "--counts", "4,16,36", "--batch-size", "8", "--out",
+                         str(tmp_path / nproc), "--nproc", nproc, timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outs[nproc] = (json.loads((tmp_path / nproc / "eval.json").read_text()), result.stdout)
+    (one, one_out), (two, two_out) = outs["1"], outs["2"]
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert one["results"] == two["results"] and one["per_sample"] == two["per_sample"]
+    assert len(two["per_sample"]["4"]) == 64
+    assert one_out.splitlines()[:5] == two_out.splitlines()[:5]  # the same table
+
+
+def test_eval_and_generate_take_device_and_dtype(trained, tmp_path):
+    import webdataset as wds
+
+    cfg, run = trained
+    result = run_tfx("eval", str(run), "--counts", "16", "--device", "cpu", "--dtype", "bf16",
+                     "--out", str(tmp_path), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert (report["device"], report["dtype"]) == ("cpu", "bf16")
+    eval_dir = yaml.safe_load(cfg.read_text())["data"]["eval"]
+    sample = next(iter(wds.WebDataset(f"{eval_dir}/eval-00000.tar", shardshuffle=False)))
+    image = tmp_path / "q.png"
+    image.write_bytes(sample["png"])
+    gen = run_tfx("generate", "--model", str(run), "--image", str(image), "--prompt",
+                  "What color is the marked cell?", "--visual-tokens", "16", "--device", "cpu",
+                  "--dtype", "bf16", "--max-new-tokens", "3", timeout=180)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert gen.stdout.startswith("N=16 | ")
+    bad = run_tfx("eval", str(run), "--counts", "16", "--dtype", "fp8", timeout=120)
+    assert bad.returncode == 2 and "--dtype 'fp8': use fp32 or bf16" in bad.stderr

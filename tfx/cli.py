@@ -10,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tfx.errors import TfxError
 
@@ -22,6 +23,9 @@ def _cpu_env_defaults() -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "setup.py").is_file():  # a source checkout: JIT-built ops stay inside it
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(checkout / "build" / "torch_extensions"))
     try:
         import torch
 
@@ -39,6 +43,9 @@ def _run(fn) -> None:
     except TfxError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -46,6 +53,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an output_dir that holds a run (deletes that run)")
     p.add_argument("--nproc", type=int, default=1,
                    help="ranks on this machine; >1 starts them with the deepspeed launcher")
     p.add_argument("--master-port", type=int, default=None)
@@ -53,11 +62,47 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main_train_rank(argv: list[str] | None = None) -> None:
-    """One rank (under a launcher) or a single process."""
-    args = train_parser().parse_args(argv)
+def parse_train_args(argv):
+    """Overrides may come before or after the flags."""
+    return train_parser().parse_intermixed_args(argv)
 
-    def go():
+
+def resume_command(args) -> str:
+    parts = ["tfx train", args.config, *args.overrides]
+    if args.nproc > 1:
+        parts += ["--nproc", str(args.nproc)]
+    return " ".join(parts + ["--resume"])
+
+
+def stop_line(output_dir: str, what: str, command: str) -> str:
+    """The last line after a run stopped early: where it can continue from, and how."""
+    from tfx.train.checkpoint import latest_tag
+
+    root = Path(output_dir) / "checkpoints"
+    tag = latest_tag(root) if root.is_dir() else None
+    where = f"latest complete checkpoint {root / tag}" if tag else "no checkpoint was written"
+    how = "continue with" if what in ("interrupted", "preempted") or what.startswith("abort") \
+        else "after fixing the cause, continue with"
+    return f"tfx train: {what}; {where}; {how}: {command}"
+
+
+def main_train_rank(argv: list[str] | None = None) -> None:
+    """One rank (under a launcher) or a single process. Exit 0 when done, 75 when preempted,
+    130 on Ctrl-C, 2 on a tfx error, 1 on a crash; once training has started, rank 0 (when no
+    `tfx train --nproc` parent does it) ends with the line naming the checkpoint to continue
+    from."""
+    args = parse_train_args(argv)
+    from tfx.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
+
+    stop = StopRequest()  # from the first moment: Ctrl-C in start-up aborts in one line
+    lead = os.environ.get("RANK", "0") == "0" and os.environ.get("TFX_PARENT") != "1"
+    cfg = None
+
+    def last_line(what: str) -> None:
+        if lead and cfg is not None and stop.armed:  # armed: the loop had started
+            print(stop_line(cfg.train.output_dir, what, resume_command(args)), file=sys.stderr)
+
+    try:
         _cpu_env_defaults()
         from tfx.config.load import load_config
 
@@ -66,63 +111,163 @@ def main_train_rank(argv: list[str] | None = None) -> None:
         from tfx.train.loop import train
 
         ensure_launcher_env()
-        if train(cfg, resume=args.resume) == "preempted":
-            from tfx.train.preempt import EXIT_PREEMPTED
+        status = train(cfg, resume=args.resume, overwrite=args.overwrite, stop=stop)
+    except TfxError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        last_line(f"stopped ({type(e).__name__})")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted by a second Ctrl-C: not saved" if stop.armed else
+              "interrupted (Ctrl-C) before the first step: nothing to save", file=sys.stderr)
+        last_line("aborted")
+        sys.exit(EXIT_INTERRUPTED)
+    except BaseException:
+        import traceback
 
-            sys.exit(EXIT_PREEMPTED)
-
-    _run(go)
+        traceback.print_exc()
+        last_line("crashed")
+        sys.exit(1)
+    if status != "done":
+        last_line(status)
+        sys.exit(EXIT_PREEMPTED if status == "preempted" else EXIT_INTERRUPTED)
 
 
 def cmd_train(argv: list[str]) -> None:
-    args = train_parser().parse_args(argv)
+    args = parse_train_args(argv)
 
     def go():
         from tfx.config.load import load_config
+        from tfx.train.runfolder import check_output_dir
 
-        load_config(args.config, args.overrides)  # fail here, before any rank starts
-        if args.nproc <= 1:
-            main_train_rank([args.config, *args.overrides] + (["--resume"] * args.resume))
-            return
+        cfg = load_config(args.config, args.overrides)  # fail here, before any rank starts
+        check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite)
         _cpu_env_defaults()
-        from tfx.train.dist import free_port
+        from tfx.train.engine import build_ds_config
 
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        port = args.master_port or free_port()
-        # the deepspeed launcher, run by this interpreter (works without an activated venv)
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(port),
-               "--module", "tfx.train", args.config, *args.overrides]
-        if args.resume:
-            cmd.append("--resume")
-        sys.exit(subprocess.call(cmd))
+        build_ds_config(cfg, max(args.nproc, 1))  # a disagreeing DeepSpeed JSON fails here too
+        if args.nproc <= 1:
+            main_train_rank(argv)
+            return
+        sys.exit(launch_ranks(args, cfg))
 
     _run(go)
 
 
-def cmd_eval(argv: list[str]) -> None:
+def launch_ranks(args, cfg) -> int:
+    """Start `--nproc` ranks through the deepspeed launcher in their own session, so a
+    terminal's Ctrl-C reaches only this process: it forwards SIGINT/SIGTERM to the ranks (which
+    finish the step and checkpoint; DeepSpeed's launcher would kill them at once), kills them on
+    a second Ctrl-C, and ends with one line naming the checkpoint to continue from."""
+    import signal
+
+    import psutil
+
+    from tfx.train.dist import free_port
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    port = args.master_port or free_port()
+    # the deepspeed launcher, run by this interpreter (works without an activated venv)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc),
+           "--master_port", str(port), "--module", "tfx.train", args.config, *args.overrides]
+    cmd += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    proc = subprocess.Popen(cmd, start_new_session=True, env=dict(os.environ, TFX_PARENT="1"))
+    got = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        if got.count(signal.SIGINT) >= 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        try:  # the ranks are the children of deepspeed.launcher.launch (not their loaders)
+            ranks = [rank for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "deepspeed.launcher.launch" in " ".join(p.cmdline())
+                     for rank in p.children()]
+        except psutil.Error:
+            ranks = []
+        for r in ranks:
+            try:
+                r.send_signal(signum)
+            except psutil.Error:
+                pass
+        if not ranks:  # still starting: nothing to save
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, forward)
+    code = proc.wait()
+    if code != 0:
+        what = {75: "preempted", 130: "interrupted"}.get(code, f"stopped (exit {code})")
+        if got.count(signal.SIGINT) >= 2:
+            what, code = "aborted by a second Ctrl-C", 130
+        elif code < 0:
+            what, code = f"killed by {signal.Signals(-code).name}", 128 - code
+        print(stop_line(cfg.train.output_dir, what, resume_command(args)), file=sys.stderr)
+    return code
+
+
+def without_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` / `flag=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tfx eval", description="Accuracy at each N.")
     p.add_argument("checkpoint", help="run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--counts", required=True, help="comma list of N, e.g. 4,16,36,64")
     p.add_argument("--data", default=None, help="eval shards (default: the run's data.eval)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", default=None, help="folder for eval.json / eval.png")
+    p.add_argument("--out", default=None,
+                   help="folder for eval.json / eval.png (default: the evaluated run folder)")
     p.add_argument("--every-checkpoint", action="store_true",
                    help="evaluate each kept checkpoint of the run: curve.json/md/png")
-    p.add_argument("--chance", type=float, default=None, help="chance accuracy, for the curve")
-    args = p.parse_args(argv)
+    p.add_argument("--chance", type=float, default=None, help="chance accuracy, drawn as a line")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on a GPU)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks on this machine, each a share of the batches (torchrun)")
+    return p
+
+
+def cmd_eval(argv: list[str]) -> None:
+    args = eval_parser().parse_args(argv)
+    if args.nproc > 1 and "RANK" not in os.environ:
+        _cpu_env_defaults()
+        from tfx.train.dist import free_port
+
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        rest = without_flag(argv, "--nproc")
+        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run",
+                                  "--nproc_per_node", str(args.nproc), "--master_port",
+                                  str(free_port()), "-m", "tfx.cli", "eval", *rest]))
 
     def go():
         _cpu_env_defaults()
         from tfx.eval.runner import parse_counts, run_eval
+        from tfx.train.dist import init_process_group, rank
 
+        init_process_group()  # under a launcher: one share of the batches per rank
         if args.every_checkpoint:
             from tfx.eval.curve import run_curve
 
-            run_curve(args.checkpoint, parse_counts(args.counts), data=args.data,
-                      batch_size=args.batch_size, out=args.out, chance=args.chance)
-            return
-        run_eval(args.checkpoint, parse_counts(args.counts), data=args.data,
-                 batch_size=args.batch_size, out=args.out)
+            report = run_curve(args.checkpoint, parse_counts(args.counts), data=args.data,
+                               batch_size=args.batch_size, out=args.out, chance=args.chance,
+                               device=args.device, dtype=args.dtype)
+        else:
+            report = run_eval(args.checkpoint, parse_counts(args.counts), data=args.data,
+                              batch_size=args.batch_size, out=args.out, device=args.device,
+                              dtype=args.dtype, chance=args.chance)
+        if report is not None and rank() == 0:
+            print(report["table"])
+            for line in report["written"]:
+                print(line)
 
     _run(go)
 
@@ -161,8 +306,7 @@ def cmd_data(argv: list[str]) -> None:
 
     def go():
         if args.what == "fashion-mnist":
-            from tfx.data.builders.fashion_mnist import (DEBIAN_DIR, build_fashion_mnist,
-                                                         parse_kinds)
+            from tfx.data.builders.fashion_mnist import DEBIAN_DIR, build_fashion_mnist, parse_kinds
 
             info = build_fashion_mnist(args.out, source=args.source or DEBIAN_DIR,
                                        train=args.train, eval=args.eval, grid=args.grid,
@@ -180,8 +324,10 @@ def cmd_data(argv: list[str]) -> None:
             for line in res["skipped"][:20]:
                 print(f"skipped {line}", file=sys.stderr)
             idx = res["index"]
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(idx["skipped_by_reason"].items()))
             print(f"wrote {idx['samples']} samples in {len(idx['shards'])} shards and "
-                  f"index.json under {args.out}; skipped {idx['skipped']}")
+                  f"index.json under {args.out}; skipped {idx['skipped']}"
+                  + (f" ({reasons})" if reasons else ""))
             return
         from tfx.data.builders.synth import build_synth
 
@@ -203,7 +349,7 @@ def cmd_bench(argv: list[str]) -> None:
     if argv[0] == "data":
         from tfx.bench.data import main as bench_data
 
-        bench_data(argv[1:])
+        print(bench_data(argv[1:]))
         return
     import importlib.util
 
@@ -237,8 +383,8 @@ def cmd_convert(argv: list[str]) -> None:
         _cpu_env_defaults()
         from tfx.export.convert import convert
 
-        convert(args.checkpoint, args.out, dtype=args.dtype, config=args.config,
-                max_shard_size=args.max_shard_size, force=args.force)
+        print(convert(args.checkpoint, args.out, dtype=args.dtype, config=args.config,
+                      max_shard_size=args.max_shard_size, force=args.force))
 
     _run(go)
 
@@ -251,14 +397,17 @@ def cmd_generate(argv: list[str]) -> None:
     p.add_argument("--visual-tokens", default=None,
                    help="N, or a comma list to compare (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on a GPU)")
     args = p.parse_args(argv)
 
     def go():
         _cpu_env_defaults()
-        from tfx.export.generate import parse_visual_tokens, run_generate
+        from tfx.export.generate import format_answers, parse_visual_tokens, run_generate
 
         counts = parse_visual_tokens(args.visual_tokens) if args.visual_tokens else []
-        run_generate(args.model, args.image, args.prompt, counts, args.max_new_tokens)
+        print(format_answers(run_generate(args.model, args.image, args.prompt, counts,
+                                          args.max_new_tokens, args.device, args.dtype)))
 
     _run(go)
 
@@ -271,6 +420,8 @@ def cmd_plan(argv: list[str]) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--text-tokens", type=int, default=512, help="assumed text tokens per sample")
+    p.add_argument("--answer-tokens", type=int, default=64,
+                   help="of which supervised (the LM head runs there only)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="default: the tokenizer's, else the LLM's own + 4 image tokens")
     args = p.parse_args(argv)
@@ -282,7 +433,8 @@ def cmd_plan(argv: list[str]) -> None:
 
         cfg = load_config(args.config, args.overrides, check_paths=False)
         result = plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                      text_tokens=args.text_tokens, vocab_size=args.vocab_size)
+                      text_tokens=args.text_tokens, vocab_size=args.vocab_size,
+                      answer_tokens=args.answer_tokens)
         print(format_plan(result, cfg, args.text_tokens))
 
     _run(go)
@@ -302,8 +454,10 @@ def cmd_experiment(argv: list[str]) -> None:
     def go():
         from tfx.eval.experiment import flex_vs_fixed
 
-        flex_vs_fixed(args.config, args.overrides, args.out, args.seeds, args.nproc,
-                      args.jobs)
+        report = flex_vs_fixed(args.config, args.overrides, args.out, args.seeds, args.nproc,
+                               args.jobs)
+        print(report["text"])
+        print(report["written"])
 
     _run(go)
 

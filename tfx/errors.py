@@ -16,4 +16,8 @@ class DataError(TfxError):
 
 
 class CheckpointError(TfxError):
-    """A checkpoint is missing, incomplete, or was made by a different model config."""
+    """A checkpoint is missing, incomplete, damaged, or was made by a different model config."""
+
+
+class SetupError(TfxError):
+    """The machine lacks something tfx needs (a C++ compiler, a package, a device)."""

@@ -141,13 +141,11 @@ def loader_table(folder: Path, n: int, workers: list[int]) -> list[dict]:
     return rows
 
 
-def print_rows(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}")
+def format_rows(title: str, rows: list[dict]) -> str:
     cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    lines = [f"\n{title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def plot(pad: list[dict], load: list[dict], path: Path) -> None:
@@ -180,7 +178,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> str:
+    """Runs the benchmark; returns the report (tables and the files written)."""
     import os
     import tempfile
 
@@ -193,14 +192,15 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pad = padding_table(args.steps)
-    print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print_rows("padding: same length stream, batch 8; bucket_batches = megabatch in batches; "
-               "budget = 8 x (512 + N) tokens", pad)
+    report = [f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              format_rows("padding: same length stream, batch 8; bucket_batches = megabatch in "
+                          "batches; budget = 8 x (512 + N) tokens", pad)]
     with tempfile.TemporaryDirectory() as tmp:
         load = loader_table(Path(tmp), args.samples,
                             [int(w) for w in args.workers.split(",")])
-    print_rows(f"loader: {args.samples} JPEGs of 384 px -> 224 px", load)
+    report.append(format_rows(f"loader: {args.samples} JPEGs of 384 px -> 224 px", load))
     write_csv(pad, out / "padding.csv")
     write_csv(load, out / "loader.csv")
     plot(pad, load, out / "data.png")
-    print(f"wrote {out}/padding.csv, loader.csv, data.png")
+    report.append(f"wrote {out}/padding.csv, loader.csv, data.png")
+    return "\n".join(report)

@@ -44,7 +44,7 @@ class LLMConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ProjectorConfig:
-    pool: str = "adaptive"  # adaptive (PyTorch adaptive_avg_pool2d bins) | interp (resize, then pool)
+    pool: str = "adaptive"  # adaptive (adaptive_avg_pool2d bins) | interp (resize, then pool)
     hidden_ratio: float = 3.0  # SwiGLU hidden width = hidden_ratio * vision width
     kernel: str = "auto"  # auto (Triton on CUDA, PyTorch elsewhere) | triton | torch
 
@@ -54,7 +54,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    attn_implementation: str = "auto"  # auto (flash_attention_2 if installed, else sdpa) | sdpa | eager
+    attn_implementation: str = "auto"  # auto (flash-attn for bf16 on GPU, else sdpa) | sdpa | eager
     default_visual_tokens: int = 256  # N used when a caller does not say
 
 
@@ -102,12 +102,13 @@ class OptimConfig:
     dist_timeout_s: int = 600  # collective timeout; a hung rank fails after this long
     check_divergence_steps: int = 0  # debug: check that ranks enter the same modules (K steps)
     requeue: bool = True  # on SIGUSR1/SIGTERM under SLURM: checkpoint, then scontrol requeue
-    trace_samples: bool = False  # each rank appends {step, n_visual, keys} to trace/rank{r}.jsonl
+    trace_samples: bool = False  # each rank appends what it fed the model to trace/rank{r}.jsonl
+    peak_tflops: float | None = None  # per device, for MFU; None: the GPU's bf16 peak, if known
 
 
 @dataclass(frozen=True, kw_only=True)
 class DeepSpeedConfig:
-    config: str = "configs/deepspeed/zero3.json"  # JSON; batch, accumulation, clipping, dtype filled in
+    config: str = "configs/deepspeed/zero3.json"  # ZeRO JSON; batch, clipping, dtype filled in
     param_persistence_threshold: int | None = None  # overrides stage3_param_persistence_threshold
 
 
@@ -150,6 +151,10 @@ def _validate_model(m: ModelConfig) -> None:
     _choice("model.llm.family", m.llm.family, ("qwen2", "llama"))
     _choice("model.projector.pool", m.projector.pool, ("adaptive", "interp"))
     _choice("model.projector.kernel", m.projector.kernel, ("auto", "triton", "torch"))
+    if m.projector.kernel == "triton" and m.projector.pool != "adaptive":
+        raise ConfigError(f"model.projector.kernel: the Triton kernel pools with adaptive bins "
+                          f"only, not pool: {m.projector.pool}; set kernel: torch (or auto), "
+                          f"or pool: adaptive")
     _choice("model.attn_implementation", m.attn_implementation,
             ("auto", "sdpa", "eager", "flash_attention_2"))
     if m.vision.image_size < m.vision.patch_size:  # the patch conv floors: 384 / 14 -> 27

@@ -62,6 +62,7 @@ def collate(samples: list[TextSample], n_visual: int, tok) -> dict:
         "labels": labels_BT,
         "pixel_values": normalise(torch.stack([s.pixels for s in samples]), samples[0].family),
         "has_image": torch.tensor([s.has_image for s in samples]),
+        "images": sum(s.has_image for s in samples),  # images the LLM gets N tokens of
         "n_visual": n_visual,
         "keys": [s.key for s in samples],
         "meta": [s.meta for s in samples],

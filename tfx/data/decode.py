@@ -1,8 +1,9 @@
 """Decode stage: raw WebDataset sample -> (key, RGB image, conversation turns), or skip it.
 
 Data flow position: shards -> **decode** -> tokenize -> bucketing -> collate. A bad sample
-(undecodable image, bad JSON, missing fields) is counted and skipped; too many in a row, or any
-with `data.strict=true`, raises DataError naming the shard and key.
+(undecodable image, bad JSON, missing fields, and later: too long, no label) is counted and
+skipped; too many in a row (a good sample is one that also tokenised), or any with
+`data.strict=true`, raises DataError naming the shard and key.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class SkipCounter:
             raise DataError(f"{self.in_a_row} bad samples in a row, last {self.last_reason}")
 
     def ok(self) -> None:
+        """A sample made it all the way through (decoded and tokenised): the run resets."""
         self.in_a_row = 0
 
     def state_dict(self) -> dict:
@@ -84,7 +86,6 @@ def decode_sample(raw: dict, on_error: SkipCounter) -> Decoded | None:
     except (ValueError, KeyError, OSError, UnicodeDecodeError, Image.DecompressionBombError) as e:
         on_error(f"{type(e).__name__}: {e}", key=key, shard=shard)
         return None
-    on_error.ok()
     return Decoded(key=key, image=image, turns=turns, meta=meta)
 
 

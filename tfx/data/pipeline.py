@@ -65,6 +65,7 @@ class ReaderStream:
             sample = to_text_sample(decoded, self.tok, v.image_size, v.family,
                                     self.cfg.data.max_text_tokens, self.skips, raw["__shard__"])
             if sample is not None:
+                self.skips.ok()
                 yield sample
 
     def _snapshot(self) -> dict:
@@ -87,6 +88,15 @@ class ReaderStream:
 
 def _as_is(item):
     return item
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGUSR1 to the training process, which stops at a step
+    boundary (a terminal's Ctrl-C reaches the whole process group)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _WorkerBatches(torch.utils.data.IterableDataset):
@@ -133,7 +143,8 @@ class TrainStream:
                                  self.consumed % self.workers)
         return iter(torch.utils.data.DataLoader(dataset, batch_size=None,
                                                 num_workers=self.workers, collate_fn=_as_is,
-                                                prefetch_factor=2))
+                                                prefetch_factor=2,
+                                                worker_init_fn=_worker_init))
 
     def next_samples(self) -> list[TextSample]:
         if self.reader is not None:
@@ -185,5 +196,6 @@ def read_eval_samples(spec, cfg: RunConfig, tok, skips: SkipCounter) -> list[Tex
             sample = decoded and to_text_sample(decoded, tok, v.image_size, v.family,
                                                 cfg.data.max_text_tokens, skips, url)
             if sample:
+                skips.ok()
                 out.append(sample)
     return sorted(out, key=lambda s: s.text_len)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import tarfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -44,17 +45,29 @@ def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, epoch, 7]).permutation(n_shards).tolist()
 
 
+# What a damaged shard raises (bad headers, a cut-off member, an empty file): skipped and counted.
+# Anything else from reading, above all OSError (EIO, a shard deleted or unreadable), is the
+# storage's fault, not the sample's: it stops the run, naming the shard.
+TAR_DAMAGE = (tarfile.TarError, EOFError, ValueError, KeyError, UnicodeDecodeError)
+
+
 def iter_tar(path: str, on_error) -> Iterator[dict]:
-    """WebDataset samples of one shard; tar damage is reported through `on_error`, not raised."""
+    """WebDataset samples of one shard; tar damage is reported through `on_error`, not raised;
+    system errors raise DataError."""
     import webdataset as wds
 
     def handler(exn: Exception) -> bool:
         if isinstance(exn, DataError):  # strict mode's own error, back through webdataset, which
             raise DataError(exn.args[0]) from None  # appended (stream, url) to its args
+        if not isinstance(exn, TAR_DAMAGE):
+            raise DataError(f"I/O error reading shard {path}: {type(exn).__name__}: "
+                            f"{str(exn).splitlines()[0] if str(exn) else ''} (a storage problem, "
+                            f"not a bad sample: fix it and --resume)") from None
         on_error(f"{path}: damaged tar ({type(exn).__name__}: {exn})", key=None, shard=path)
         return True  # keep going with whatever members are still readable
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples(handler=handler))
+    pipeline = wds.DataPipeline(wds.SimpleShardList([path]),
+                                wds.tarfile_to_samples(handler=handler))
     for sample in pipeline:
         sample["__shard__"] = path
         yield sample
@@ -93,7 +106,8 @@ class ShardStream:
                     yield sample
                 self.shard_idx, self.sample_idx = self.shard_idx + 1, 0
             if not got_any and self.shard_idx == len(shards):
-                raise DataError(f"reader {self.reader}: its shards {shards} hold no readable sample")
+                raise DataError(f"reader {self.reader}: its shards {shards} hold no readable "
+                                f"sample")
             self.epoch, self.shard_idx, self.sample_idx = self.epoch + 1, 0, 0
 
     def state_dict(self) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tfx.errors import ConfigError
+
 IGNORE = -100
 IMAGE_TAG = "<image>"
 IMG_START, IMG_CONTEXT, IMG_END = "<img>", "<IMG_CONTEXT>", "</img>"
@@ -64,14 +66,25 @@ class SentencePieceChat:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i != self.eos_id])
 
+    def save(self, folder: str | Path) -> Path:
+        """A copy of the model file in `folder` (a run folder's tokenizer/)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        dest = Path(folder) / "tokenizer.model"
+        dest.write_bytes(self.sp.serialized_model_proto())
+        return dest
+
 
 class HFChat:
     """A local HF tokenizer folder; the chat template decides the format, answers are found as
-    the tokens between consecutive template prefixes."""
+    the tokens between consecutive template prefixes. That needs a template under which a
+    longer conversation renders as the shorter one plus new tokens; a template that re-renders
+    earlier turns (e.g. adds a marker to the last message only) would shift every label, so it
+    is refused when loaded, and a conversation that breaks the rule is skipped as a bad sample."""
 
     def __init__(self, folder: str | Path):
         from transformers import AutoTokenizer
 
+        self.folder = str(folder)
         self.tok = AutoTokenizer.from_pretrained(str(folder))
         self.tok.add_special_tokens({"additional_special_tokens": SP_SYMBOLS[:4]})
         if self.tok.pad_token_id is None:
@@ -81,6 +94,13 @@ class HFChat:
         conv = self.tok.convert_tokens_to_ids
         self.image_id, self.img_start_id = conv(IMAGE_TAG), conv(IMG_START)
         self.img_ctx_id, self.img_end_id = conv(IMG_CONTEXT), conv(IMG_END)
+        probe = [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hi."},
+                 {"from": "human", "value": "And again?"}, {"from": "gpt", "value": "Yes."}]
+        try:
+            self.encode_conversation(probe)
+        except ValueError as e:
+            raise ConfigError(f"data.tokenizer: {folder}: {e}; tfx cannot place answer labels "
+                              f"with this chat template") from None
 
     def _ids(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         text = self.tok.apply_chat_template(messages, tokenize=False,
@@ -93,10 +113,17 @@ class HFChat:
             role = "user" if turn["from"] == "human" else "assistant"
             if role == "assistant":
                 prefix = self._ids(messages, generation_prompt=True)
+                if prefix[:len(ids)] != ids:
+                    raise ValueError(f"the chat template's generation prompt re-renders "
+                                     f"earlier turns at turn {len(messages) + 1}")
                 labels += [IGNORE] * (len(prefix) - len(ids))
                 ids = prefix
             messages.append({"role": role, "content": turn["value"]})
             full = self._ids(messages, generation_prompt=False)
+            if full[:len(ids)] != ids:
+                raise ValueError(f"the chat template re-renders earlier turns when turn "
+                                 f"{len(messages)} ({role}) is added, so the conversation is "
+                                 f"not its prefix plus new tokens")
             new = full[len(ids):]
             labels += new if role == "assistant" else [IGNORE] * len(new)
             ids = full
@@ -107,6 +134,12 @@ class HFChat:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def save(self, folder: str | Path) -> Path:
+        """The tokenizer files (with the image tokens) in `folder`, not the model weights a
+        model folder used as a tokenizer may hold."""
+        self.tok.save_pretrained(str(folder))
+        return Path(folder)
 
 
 def encode_with_image(tok, turns: list[dict], has_image: bool) -> tuple[list[int], list[int]]:

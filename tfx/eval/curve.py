@@ -11,29 +11,41 @@ import json
 from pathlib import Path
 
 from tfx.errors import ConfigError
-from tfx.eval.runner import (accuracies, check_counts, eval_samples,
-                             finish_accuracy_plot, load_model)
+from tfx.eval.runner import (
+    accuracies,
+    check_counts,
+    default_device,
+    default_dtype,
+    eval_samples,
+    finish_accuracy_plot,
+)
 from tfx.log import get_logger
 from tfx.train import checkpoint
+from tfx.train.load import load_model
 
 log = get_logger(__name__)
 
 
 def run_curve(run_dir: str, counts: list[int], data: str | None = None, batch_size: int = 32,
-              out: str | None = None, chance: float | None = None) -> dict:
+              out: str | None = None, chance: float | None = None, device: str | None = None,
+              dtype: str | None = None) -> dict:
+    """The report: points (step, accuracies), and the files written."""
+    if not Path(run_dir).exists():
+        raise ConfigError(f"{run_dir} does not exist")
     root = Path(run_dir) / "checkpoints"
     tags = checkpoint.complete_tags(root) if root.is_dir() else []
     if not tags:
         raise ConfigError(f"{run_dir}: no complete checkpoint under checkpoints/ "
                           "(train with train.save_every > 0 and keep_last >= the points wanted)")
-    points, samples, cfg = [], None, None
+    device = default_device(device)
+    points, samples = [], None
     for tag in tags:
-        model, cfg, tok, _ = load_model(root / tag)
+        loaded = load_model(root / tag, device=device, dtype=default_dtype(dtype, device))
         if samples is None:
-            check_counts(counts, cfg)
-            samples, skipped = eval_samples(cfg, tok, data)
+            check_counts(counts, loaded.cfg)
+            samples, skipped = eval_samples(loaded, data)
         step = int(tag.removeprefix("step_"))
-        accs = accuracies(model, samples, counts, tok, batch_size)
+        accs = accuracies(loaded.model, samples, counts, loaded.tok, batch_size)
         log.info(f"{tag}: " + ", ".join(f"N={c} {accs[c]['all']:.3f}" for c in counts))
         points.append({"step": step, "tag": tag, "results": accs})
     out_dir = Path(out) if out else Path(run_dir)
@@ -44,8 +56,8 @@ def run_curve(run_dir: str, counts: list[int], data: str | None = None, batch_si
     text = table(points, counts, chance)
     (out_dir / "curve.md").write_text(text + "\n")
     plot(points, counts, chance, out_dir / "curve.png", title=str(run_dir))
-    print(text)
-    print(f"wrote {out_dir / 'curve.json'}, curve.md and curve.png")
+    report["table"] = text
+    report["written"] = [f"wrote {out_dir / 'curve.json'}, curve.md and curve.png"]
     return report
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tfx.config.load import load_config
 from tfx.errors import TfxError
+from tfx.log import get_logger
 
 
 def eval_counts(counts: list[int], side: int) -> list[int]:
@@ -131,9 +132,7 @@ def flex_vs_fixed(config: str, overrides: list[str], out: str | Path, seeds: int
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
 
-    def log(msg: str) -> None:
-        sys.stderr.write(msg + "\n")  # one write: runs side by side log from threads
-        sys.stderr.flush()
+    log = get_logger(__name__).info  # thread-safe: runs side by side log from threads
 
     threads = max(1, (os.cpu_count() or 1) // (jobs * nproc)) if jobs > 1 else None
     plan = [(model, seed, [*overrides, *extra, f"train.seed={seed}", f"tokens.seed={seed}"])
@@ -165,6 +164,5 @@ def flex_vs_fixed(config: str, overrides: list[str], out: str | Path, seeds: int
                         f"--seeds {seeds}{flags} --out {out}"])
     (out / "results.md").write_text(f"Command: `{command}`\n\n{text}\n")
     plot(table, infer, out / "accuracy.png")
-    print(text)
-    print(f"wrote {out}/results.md, results.json, accuracy.png")
-    return table
+    return {"table": table, "text": text,
+            "written": f"wrote {out}/results.md, results.json, accuracy.png"}

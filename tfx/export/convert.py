@@ -20,11 +20,11 @@ from tfx.config.schema import RunConfig
 from tfx.data.decode import PIXEL_STATS
 from tfx.data.tokenizer import ASSISTANT_TAG, USER_TAG, SentencePieceChat
 from tfx.errors import CheckpointError, ConfigError
-from tfx.eval.runner import load_model
 from tfx.model.configuration_tokenflex import TokenFlexConfig
 from tfx.model.modeling_tokenflex import TokenFlexForConditionalGeneration
 from tfx.model.processing_tokenflex import TokenFlexProcessor
 from tfx.model.vlm import TokenFlexVLM
+from tfx.train.load import load_model
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
 REMOTE_CODE = ("configuration_tokenflex.py", "modeling_tokenflex.py", "projector.py",
@@ -84,11 +84,15 @@ def to_hf(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexForConditionalGe
 def hf_tokenizer(cfg: RunConfig, tok):
     if not isinstance(tok, SentencePieceChat):
         return tok.tok  # a local HF tokenizer: image tokens already added, its own template
+    import tempfile
+
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
     piece = tok.sp.id_to_piece
+    vocab = Path(tempfile.mkdtemp(prefix="tfx-sp-")) / "tokenizer.model"
+    vocab.write_bytes(tok.sp.serialized_model_proto())  # the run's own copy, wherever it is
     return SentencePieceBackend(
-        vocab_file=str(cfg.data.tokenizer), bos_token=piece(tok.bos_id),
+        vocab_file=str(vocab), bos_token=piece(tok.bos_id),
         eos_token=piece(tok.eos_id), unk_token=piece(tok.sp.unk_id()),
         pad_token=piece(tok.pad_id), extra_special_tokens=[USER_TAG, ASSISTANT_TAG],
         chat_template=SP_CHAT_TEMPLATE)
@@ -110,16 +114,25 @@ def write_folder(hf: TokenFlexForConditionalGeneration, processor: TokenFlexProc
     processor.save_pretrained(folder)
     for name in REMOTE_CODE:
         shutil.copy2(MODEL_DIR / name, folder / name)
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.iterdir():  # safetensors writes 0600; give every file the same mode
+        if p.is_file():
+            p.chmod(0o666 & ~umask)
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: str = "fp32", config: str | None = None,
-            max_shard_size: str = "2GB", force: bool = False) -> Path:
+            max_shard_size: str = "2GB", force: bool = False) -> str:
+    """Writes the folder; returns the one-line summary."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder; pick another OUT")
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"{out} exists and is not empty; pass --force to replace it")
-    model, cfg, tok, tag = load_model(src, config=config)
+    loaded = load_model(src, config=config)
+    model, cfg, tok, tag = loaded.model, loaded.cfg, loaded.tok, loaded.tag
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -135,5 +148,4 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "fp32", config: st
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out} ({tag}, {dtype})")
-    return out
+    return f"wrote {out} ({tag}, {dtype})"

@@ -12,23 +12,30 @@ import torch
 
 from tfx.errors import ConfigError
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-def load_for_inference(path: str | Path):
+
+def load_for_inference(path: str | Path, device: str = "cpu", dtype: str = "fp32"):
     """(model, processor) from an exported folder or a checkpoint / run folder."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--model {path} does not exist")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: use fp32 or bf16")
     if (path / "config.json").is_file():
         from transformers import AutoModelForImageTextToText
 
         import tfx.model  # noqa: F401  (registers the Auto classes)
         from tfx.model.processing_tokenflex import TokenFlexProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32)
-        return model.eval(), TokenFlexProcessor.from_pretrained(path)
-    from tfx.eval.runner import load_model
+        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=DTYPES[dtype])
+        return model.to(device).eval(), TokenFlexProcessor.from_pretrained(path)
     from tfx.export.convert import processor_for, to_hf
+    from tfx.train.load import load_model
 
-    model, cfg, tok, _ = load_model(path)
-    return to_hf(model, cfg, tok), processor_for(cfg, tok)
+    loaded = load_model(path)
+    hf = to_hf(loaded.model, loaded.cfg, loaded.tok)
+    return hf.to(device=device, dtype=DTYPES[dtype]), processor_for(loaded.cfg, loaded.tok)
 
 
 def parse_visual_tokens(text: str) -> list[int]:
@@ -45,12 +52,15 @@ def answer(model, processor, image, prompt: str, n_visual: int, max_new_tokens: 
     except ValueError as e:
         raise ConfigError(f"--visual-tokens: {e}") from None
     inputs = processor(prompt, image, num_visual_tokens=n_visual)
+    inputs = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0].strip()
 
 
 def run_generate(model_path: str, image_path: str, prompt: str, counts: list[int] | None = None,
-                 max_new_tokens: int = 32) -> dict[int, str]:
+                 max_new_tokens: int = 32, device: str | None = None,
+                 dtype: str | None = None) -> dict[int, str]:
+    """{N: answer}."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -58,10 +68,13 @@ def run_generate(model_path: str, image_path: str, prompt: str, counts: list[int
         image.load()
     except (OSError, UnidentifiedImageError) as e:
         raise ConfigError(f"--image {image_path}: cannot read it ({e})") from None
-    model, processor = load_for_inference(model_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    model, processor = load_for_inference(model_path, device, dtype)
     counts = counts or [model.config.num_visual_tokens]
-    answers = {n: answer(model, processor, image, prompt, n, max_new_tokens) for n in counts}
-    width = max(len(str(n)) for n in counts)
-    for n, text in answers.items():
-        print(f"N={n:<{width}} | {text}")
-    return answers
+    return {n: answer(model, processor, image, prompt, n, max_new_tokens) for n in counts}
+
+
+def format_answers(answers: dict[int, str]) -> str:
+    width = max(len(str(n)) for n in answers)
+    return "\n".join(f"N={n:<{width}} | {text}" for n, text in answers.items())

@@ -52,7 +52,8 @@ class TokenFlexConfig(PreTrainedConfig):
         if n * n != n_visual or not self.min_visual_tokens <= n_visual <= self.max_visual_tokens:
             lo, hi = math.isqrt(self.min_visual_tokens), math.isqrt(self.max_visual_tokens)
             raise ValueError(f"num_visual_tokens={n_visual} is not valid: use n*n for n in "
-                             f"{lo}..{hi} (e.g. {', '.join(str(k * k) for k in range(lo, hi + 1)[:6])}"
+                             f"{lo}..{hi} (e.g. "
+                             f"{', '.join(str(k * k) for k in range(lo, hi + 1)[:6])}"
                              f", ...)")
         return n
 

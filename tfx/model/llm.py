@@ -6,26 +6,43 @@ tokenizer's vocabulary (which includes the image tokens).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tfx.config.schema import LLMConfig
+from tfx.errors import ConfigError
 
 
-def resolve_attn(requested: str, on_cuda: bool) -> str:
-    """`auto` -> flash_attention_2 when the package is installed and a GPU is used, else sdpa."""
-    if requested != "auto":
-        return requested
+def resolve_attn(requested: str, on_cuda: bool, dtype: torch.dtype) -> str:
+    """`auto` -> flash_attention_2 for bf16/fp16 on a GPU with flash-attn installed (it has no
+    fp32 kernels), else sdpa."""
     from transformers.utils import is_flash_attn_2_available
 
-    return "flash_attention_2" if on_cuda and is_flash_attn_2_available() else "sdpa"
+    half = dtype in (torch.bfloat16, torch.float16)
+    if requested == "flash_attention_2":
+        if not (on_cuda and is_flash_attn_2_available()):
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs a GPU and the "
+                              "flash-attn package; use auto (sdpa without them)")
+        if not half:
+            raise ConfigError("model.attn_implementation: flash_attention_2 has no fp32 "
+                              "kernels; train in bf16 (train.precision) or use auto")
+    if requested != "auto":
+        return requested
+    return "flash_attention_2" if on_cuda and half and is_flash_attn_2_available() else "sdpa"
 
 
-def build_llm(cfg: LLMConfig, vocab_size: int, attn_implementation: str) -> nn.Module:
+def build_llm(cfg: LLMConfig, vocab_size: int, attn_implementation: str,
+              hf_config: dict | None = None) -> nn.Module:
+    """`hf_config`: build that HF config's structure with fresh weights (a checkpoint's weights
+    follow), instead of loading `cfg.path`."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
                              "llama": (LlamaConfig, LlamaForCausalLM)}[cfg.family]
-    if cfg.path is not None:
+    if hf_config is not None:
+        hf = config_cls.from_dict({**hf_config, "vocab_size": vocab_size})
+        model = model_cls._from_config(hf, attn_implementation=attn_implementation)
+    elif cfg.path is not None:
         model = model_cls.from_pretrained(cfg.path, attn_implementation=attn_implementation)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)

@@ -32,11 +32,14 @@ class ImageTokenIds:
 
 class TokenFlexVLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_ids: ImageTokenIds,
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str = "sdpa", hf_configs: dict | None = None):
+        """`hf_configs` ({"vision": dict, "llm": dict}, as saved in a run folder): build those
+        structures with fresh weights instead of loading the pretrained paths of `cfg`."""
         super().__init__()
         self.cfg, self.image_ids = cfg, image_ids
-        self.vision = VisionTower(cfg.vision, attn_implementation)
-        self.llm = build_llm(cfg.llm, vocab_size, attn_implementation)
+        hf_configs = hf_configs or {}
+        self.vision = VisionTower(cfg.vision, attn_implementation, hf_configs.get("vision"))
+        self.llm = build_llm(cfg.llm, vocab_size, attn_implementation, hf_configs.get("llm"))
         self.projector = TokenAdaptiveProjector(
             self.vision.embed_dim, self.llm.config.hidden_size,
             hidden_ratio=cfg.projector.hidden_ratio, pool=cfg.projector.pool,
@@ -89,3 +92,33 @@ class TokenFlexVLM(nn.Module):
 
     def parts(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "projector": self.projector, "llm": self.llm}
+
+    def set_trainable(self, names) -> None:
+        """Train the named parts, freeze the others, and re-apply the train/eval modes (a
+        frozen part keeps its normalisation statistics: see `train`)."""
+        for name, part in self.parts().items():
+            for p in part.parameters():
+                p.requires_grad_(name in names)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "TokenFlexVLM":
+        """BatchNorm layers of frozen parts stay in eval mode: their running statistics are
+        weights nobody trains, and would drift with every training batch otherwise."""
+        super().train(mode)
+        for part in self.parts().values():
+            if mode and not any(p.requires_grad for p in part.parameters()):
+                for m in part.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
+
+    def deferred_weights(self) -> list[tuple[nn.Module, dict]]:
+        """(module, state dict) pairs of pretrained weights a part could not load itself
+        because its parameters were created partitioned (ZeRO-3)."""
+        encoder = self.vision.encoder
+        state = getattr(encoder, "deferred_state", None)
+        return [(encoder.net, state)] if state is not None else []
+
+    def hf_configs(self) -> dict:
+        """The HF configs of the towers, for a run folder (see `__init__`)."""
+        return {"vision": self.vision.hf_config(), "llm": self.llm.config.to_dict()}

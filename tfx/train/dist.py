@@ -1,4 +1,11 @@
-"""Process-group facts without DeepSpeed: rank, world size, and single-process defaults."""
+"""Process-group facts and the only collectives tfx calls itself (DeepSpeed does its own).
+
+Data flow position: under the loop, the checkpoint and the divergence guard. Every collective
+goes through here so its tensors sit on the backend's device (NCCL rejects CPU tensors; gloo
+takes them): `device()` is this rank's `cuda:LOCAL_RANK` on GPU, else the CPU. The `deepspeed`
+launcher shows every process all GPUs, so `setup_device()` must run before anything touches
+CUDA, or every rank would use cuda:0.
+"""
 
 from __future__ import annotations
 
@@ -26,19 +33,81 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
+def setup_device() -> torch.device:
+    """Bind this process to its GPU (LOCAL_RANK) before CUDA is used; returns `device()`."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+    return device()
+
+
+def device() -> torch.device:
+    """This rank's compute device: the GPU bound by `setup_device`, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return device()
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    """Element-wise sum over ranks of a few float64 numbers (counts, flags, losses)."""
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
         dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def all_gather_ints(values: list[int]) -> list[list[int]]:
+    """Every rank's list of ints (all the same length), indexed by rank."""
+    t = torch.tensor(values, dtype=torch.long, device=_comm_device())
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [values]
+    every = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, t)
+    return [e.cpu().tolist() for e in every]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's small picklable object (e.g. the name of a damaged file), indexed by rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def init_process_group(timeout_s: int = 600) -> None:
+    """For tools run under a launcher without DeepSpeed (`tfx eval --nproc`): join the group
+    (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1; a single process stays alone."""
+    import datetime
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return
+    setup_device()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group in order (a process that exits inside gloo's teardown while
+    its peer already left can abort with `terminate called without an active exception`)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -11,11 +11,10 @@ It costs one small collective per module call, so it is off by default.
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
 from tfx.errors import TfxError
+from tfx.train.dist import all_gather_ints, world_size
 
 
 class RankDivergence(TfxError):
@@ -31,13 +30,11 @@ class DivergenceGuard:
 
     def _hook(self, index: int):
         def check(module, args):
-            if self.step >= self.steps or not dist.is_initialized():
+            if self.step >= self.steps or world_size() < 2:
                 return
             self.calls += 1
-            mine = torch.tensor([index, self.calls], dtype=torch.long)
-            every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-            dist.all_gather(every, mine)
-            seen = {r: int(t[0]) for r, t in enumerate(every)}
+            every = all_gather_ints([index, self.calls])
+            seen = {r: t[0] for r, t in enumerate(every)}
             if len(set(seen.values())) > 1:
                 where = ", ".join(f"rank {r} -> {self.names[i]}" for r, i in seen.items())
                 raise RankDivergence(f"ranks diverged at step {self.step}, module call "

@@ -3,10 +3,10 @@
 The model is built on the meta device (shapes only, no weights, no downloads), so a 7B config
 plans in seconds on a laptop. Printed: parameters per part, ZeRO-3 memory per GPU for the
 model states (DeepSpeed's own estimator, without and with CPU offload), and per N of the token
-schedule the tokens per step, the visual-token share and the training FLOPs per step.
-FLOPs use the usual dense estimate: 6 x trainable-or-not parameters x tokens for each part
-(vision on its patch tokens, projector on N, LLM on text + N + 2), plus 12 x layers x width x
-sequence^2 for the LLM's attention. Activations are not in the memory figure.
+schedule the tokens per step, the visual-token share and the training FLOPs per step, from the
+same formula as the loop's MFU (`tfx.train.flops`: the stage's frozen parts cost less), with
+`text_tokens` per sample of which `answer_tokens` are supervised. Activations are not in the
+memory figure.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 from tfx.config.schema import RunConfig
 from tfx.data.tokenizer import load_tokenizer
 from tfx.model.vlm import ImageTokenIds, TokenFlexVLM
+from tfx.train.engine import TRAINABLE
+from tfx.train.flops import FlopModel
 
 ADDED_TOKENS = 4  # <image>, <img>, <IMG_CONTEXT>, </img>
 
@@ -46,7 +48,7 @@ def largest_layer(model: torch.nn.Module) -> int:
 
 
 def plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, text_tokens: int,
-         vocab_size: int | None = None) -> dict:
+         vocab_size: int | None = None, answer_tokens: int = 64) -> dict:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     if vocab_size is None:
@@ -63,18 +65,14 @@ def plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, text_tokens: int,
             total, largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
             cpu_offload=offload, cpu_offload_params=offload_params)
         memory[label] = {"gpu_gib": gpu / 2**30, "cpu_gib_per_node": cpu / 2**30}
-    llm = model.llm.config
-    embed = llm.vocab_size * llm.hidden_size * 2  # input embeddings + LM head
-    patches = cfg.model.vision.grid_side ** 2
+    flop_model = FlopModel.of(model, TRAINABLE[cfg.train.stage])
     batch = nodes * gpus_per_node * cfg.data.micro_batch_size * cfg.train.grad_accum
     rows = []
     for n_visual, prob in zip(cfg.tokens.counts, cfg.tokens.probs if cfg.tokens.mode == "random"
                               else (1.0,)):
         seq = text_tokens + n_visual + 2
-        flops = 6 * batch * (parts["vision"] * patches + parts["projector"] * n_visual
-                             + (parts["llm"] - embed) * seq) \
-            + 6 * batch * embed / 2 * seq + 12 * batch * llm.num_hidden_layers \
-            * llm.hidden_size * seq ** 2
+        flops = flop_model.step(batch, n_visual, [seq] * batch, min(answer_tokens,
+                                                                     text_tokens) * batch)
         rows.append({"N": n_visual, "prob": prob, "tokens_per_step": batch * seq,
                      "visual_share": (n_visual + 2) / seq, "tflops_per_step": flops / 1e12})
     mean = {k: sum(r[k] * r["prob"] for r in rows) for k in ("tokens_per_step",

@@ -58,6 +58,21 @@ def plan_shards(records: list[dict], images: Path, max_count: int, max_bytes: in
     return shards + [current] if current else shards
 
 
+def skip_reason(e: Exception) -> str:
+    """The category a skipped record is counted under."""
+    if isinstance(e, FileNotFoundError):
+        return "image not found"
+    if isinstance(e, OSError):
+        return "image unreadable"
+    if isinstance(e, (KeyError, TypeError)):
+        return "record without conversations"
+    if "extension" in str(e):
+        return "image type not supported"
+    if "chat template" in str(e):
+        return "chat template"
+    return "image tags do not match the images"
+
+
 def write_shard(job: tuple) -> dict:
     """One shard (in a worker process): returns its index entry and its skips."""
     import webdataset as wds
@@ -73,6 +88,9 @@ def write_shard(job: tuple) -> dict:
             name = record.get("image")
             try:
                 turns = record["conversations"]
+                if not isinstance(turns, list) or not all(
+                        isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+                    raise TypeError("conversations must be a list of {from, value}")
                 ids, _ = encode_with_image(tok, turns, has_image=bool(name))
                 sample = {"__key__": key, "json": json.dumps(record).encode()}
                 if name:
@@ -81,7 +99,8 @@ def write_shard(job: tuple) -> dict:
                         raise ValueError(f"image {name}: extension not in {IMAGE_EXTS}")
                     sample[ext] = (images / name).read_bytes()
             except (KeyError, TypeError, ValueError, OSError) as e:
-                skipped.append(f"record {i} ({record.get('id')}): {type(e).__name__}: {e}")
+                skipped.append((skip_reason(e), f"record {i} ({record.get('id')}): "
+                                f"{type(e).__name__}: {e}"))
                 continue
             sink.write(sample)
             lengths.append(len(ids))
@@ -98,6 +117,9 @@ def build_llava(json_path: str | Path, images: str | Path, out: str | Path, *, t
         raise DataError(f"--images {images}: not a folder")
     if not Path(tokenizer).exists():
         raise DataError(f"--tokenizer {tokenizer}: not found")
+    from tfx.data.tokenizer import load_tokenizer
+
+    load_tokenizer(tokenizer)  # a template tfx cannot label fails here, once, in one line
     records = read_records(json_path)
     plan = plan_shards(records, images, max_count, max_bytes)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,11 +131,21 @@ def build_llava(json_path: str | Path, images: str | Path, out: str | Path, *, t
     else:
         entries = [write_shard(job) for job in jobs]
     skipped = [s for e in entries for s in e.pop("skipped")]
-    index = {"source": str(json_path), "tokenizer": str(tokenizer),
-             "samples": sum(e["samples"] for e in entries), "skipped": len(skipped),
-             "shards": entries}
+    by_reason: dict[str, int] = {}
+    for reason, _ in skipped:
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    samples = sum(e["samples"] for e in entries)
+    if samples == 0:
+        for e in entries:
+            (out / e["name"]).unlink(missing_ok=True)
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(by_reason.items()))
+        first = skipped[0][1] if skipped else "no records"
+        raise DataError(f"no sample written: all {len(records)} records skipped ({reasons}); "
+                        f"first: {first}")
+    index = {"source": str(json_path), "tokenizer": str(tokenizer), "samples": samples,
+             "skipped": len(skipped), "skipped_by_reason": by_reason, "shards": entries}
     write_index(out, index)
-    return {"index": index, "skipped": skipped}
+    return {"index": index, "skipped": [line for _, line in skipped]}
 
 
 def write_index(folder: Path, index: dict) -> None:
