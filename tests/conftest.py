@@ -9,17 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 try:
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # on a GPU machine DeepSpeed and Triton use the GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
-    pass
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest
 
@@ -79,9 +79,11 @@ def tiny_config_yaml(synth: Path, out_dir: Path, **sections) -> str:
         "data": {"train": str(synth / "train"), "eval": str(synth / "eval"),
                  "tokenizer": str(synth / "tokenizer.model"), "max_text_tokens": 64,
                  "micro_batch_size": 4, "bucket_batches": 4},
-        "train": {"max_steps": 6, "output_dir": str(out_dir), "stage": "enhance", "lr": 1e-3,
-                  "llm_lr": 1e-3, "vision_lr": 1e-3, "save_every": 3, "keep_last": 3,
-                  "dist_timeout_s": 60, "trace_samples": True},
+        "train": {"max_steps": 6, "output_dir": str(out_dir), "freeze": "enhance"},
+        "optim": {"lr": 1e-3, "llm_lr": 1e-3, "vision_lr": 1e-3},
+        "checkpoint": {"save_every": 3, "keep_last": 3},
+        "logging": {"trace_samples": True},
+        "dist": {"timeout_s": 60},
         "deepspeed": {"config": str(ROOT / "configs/deepspeed/zero3.json"),
                       "param_persistence_threshold": 0},
     }
@@ -105,12 +107,34 @@ def last_line(result: subprocess.CompletedProcess) -> str:
     return lines[-1] if lines else ""
 
 
+def set_train(raw: dict, **keys) -> dict:
+    """Set keys of the train-related sections by name: `max_steps` goes to train, `lr` to
+    optim, `save_every` to checkpoint, ... (`stage` is train.freeze, `dist_timeout_s`
+    dist.timeout_s)."""
+    import dataclasses
+
+    from tfx.config import schema
+
+    sections = {"train": schema.TrainConfig, "optim": schema.OptimConfig,
+                "lr_schedule": schema.LRScheduleConfig, "checkpoint": schema.CheckpointConfig,
+                "logging": schema.LoggingConfig, "dist": schema.DistConfig,
+                "slurm": schema.SlurmConfig, "debug": schema.DebugConfig}
+    aliases = {"stage": ("train", "freeze"), "dist_timeout_s": ("dist", "timeout_s")}
+    for key, value in keys.items():
+        section, name = aliases.get(key, (None, key))
+        section = section or next(s for s, cls in sections.items()
+                                  if name in {f.name for f in dataclasses.fields(cls)})
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
 def tiny_run_config(synth: Path, tmp_path: Path, name: str = "run", **train) -> tuple[Path, Path]:
-    """(config file, run folder) of the tiny config with `train` keys replaced."""
+    """(config file, run folder) of the tiny config with train-related keys replaced
+    (`set_train`)."""
     import yaml
 
     raw = yaml.safe_load(tiny_config_yaml(synth, tmp_path / name))
-    raw["train"].update(train)
+    set_train(raw, **train)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, tmp_path / name

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_tfx, tiny_config_yaml
 
 from tfx.config.schema import VisionConfig
 from tfx.data.builders.fashion_mnist import DEBIAN_DIR
 from tfx.model.vision import VisionTower
 from tfx.train import checkpoint
+
+from conftest import ROOT, run_tfx, set_train, tiny_config_yaml
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("efficientnet_lite_pytorch") is None
@@ -58,7 +59,7 @@ def test_align_step_with_real_backbones(tmp_path):
     raw["model"]["llm"]["path"] = str(models / "smollm2-135m-instruct")
     raw["data"].update(train=str(data / "train"), eval=str(data / "eval"),
                        tokenizer=str(models / "smollm2-135m-instruct"), micro_batch_size=2)
-    raw["train"].update(max_steps=2, save_every=2, output_dir=str(tmp_path / "run"))
+    set_train(raw, max_steps=2, save_every=2, output_dir=str(tmp_path / "run"))
     cfg = tmp_path / "real.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     result = run_tfx("train", str(cfg), timeout=300)
@@ -85,7 +86,7 @@ def effnet_run(synth_dir, folder, name, weights, stage, **train):
                               "patch_size": 32}
     raw["model"]["default_visual_tokens"] = 4
     raw["tokens"] = {"mode": "random", "counts": [1, 4], "probs": [0.5, 0.5], "seed": 3}
-    raw["train"].update(stage=stage, max_steps=2, save_every=2, **train)
+    set_train(raw, stage=stage, max_steps=2, save_every=2, **train)
     cfg = folder / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     result = run_tfx("train", str(cfg), timeout=300)

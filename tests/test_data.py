@@ -6,7 +6,6 @@ import tarfile
 
 import pytest
 import yaml
-from conftest import tiny_config_yaml
 
 from tfx.config.load import build
 from tfx.config.schema import RunConfig
@@ -15,6 +14,8 @@ from tfx.data.pipeline import TrainStream
 from tfx.data.shards import ShardStream, expand_shards
 from tfx.data.tokenizer import IGNORE, load_tokenizer
 from tfx.errors import ConfigError, DataError
+
+from conftest import tiny_config_yaml
 
 
 def run_config(synth, tmp_path, **data) -> RunConfig:

@@ -3,7 +3,6 @@ pass per batch for all N, the per-sample verdicts equal those of each sample run
 the plain full-logits forward, on references built so that about half the samples are right."""
 
 import torch
-from conftest import tiny_config_yaml
 
 from tfx.config.load import load_config
 from tfx.data.collate import TextSample, collate
@@ -12,6 +11,8 @@ from tfx.data.pipeline import read_eval_samples
 from tfx.data.tokenizer import IGNORE, load_tokenizer
 from tfx.eval.runner import accuracies, sample_hits
 from tfx.model.vlm import ImageTokenIds, TokenFlexVLM
+
+from conftest import tiny_config_yaml
 
 
 def tiny_model_and_samples(synth_dir, tmp_path):

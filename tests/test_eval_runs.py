@@ -7,7 +7,8 @@ import os
 import shutil
 
 import yaml
-from conftest import last_line, run_tfx, tiny_config_yaml
+
+from conftest import last_line, run_tfx, set_train, tiny_config_yaml
 
 
 def test_eval_of_a_moved_run(synth_dir, tmp_path):
@@ -16,7 +17,7 @@ def test_eval_of_a_moved_run(synth_dir, tmp_path):
     os.symlink(synth_dir, work / "data")
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path))
     raw["data"].update(train="data/train", eval="data/eval", tokenizer="data/tokenizer.model")
-    raw["train"].update(output_dir="runs/a", max_steps=2, save_every=2)
+    set_train(raw, output_dir="runs/a", max_steps=2, save_every=2)
     (work / "run.yaml").write_text(yaml.safe_dump(raw))
     result = run_tfx("train", "run.yaml", cwd=work)
     assert result.returncode == 0, result.stderr[-2000:]

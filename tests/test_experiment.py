@@ -5,9 +5,10 @@ import json
 
 import pytest
 import yaml
-from conftest import run_tfx, tiny_config_yaml
 
 from tfx.eval.experiment import eval_counts
+
+from conftest import run_tfx, set_train, tiny_config_yaml
 
 pytestmark = pytest.mark.multiproc
 
@@ -21,7 +22,7 @@ def test_eval_counts_cover_trained_between_and_beyond():
 def test_flex_vs_fixed_runs_every_model_and_resumes(synth_dir, tmp_path):
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "unused"))
     raw["tokens"].update(counts=[4, 16], probs=[0.4, 0.6])
-    raw["train"].update(max_steps=3, save_every=3)
+    set_train(raw, max_steps=3, save_every=3)
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     out = tmp_path / "exp"

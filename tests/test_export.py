@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import run_tfx, tiny_config_yaml
 
 from tfx.data.collate import collate
 from tfx.data.decode import SkipCounter
 from tfx.data.pipeline import read_eval_samples
 from tfx.train.load import load_model
+
+from conftest import run_tfx, set_train, tiny_config_yaml
 
 pytestmark = pytest.mark.multiproc
 
@@ -110,7 +111,7 @@ def test_clip_llama_round_trip_sharded_and_bf16(synth_dir, tmp_path):
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
     raw["model"]["vision"].update(family="clip")
     raw["model"]["llm"].update(family="llama")
-    raw["train"].update(max_steps=2, save_every=2)
+    set_train(raw, max_steps=2, save_every=2)
     cfg = tmp_path / "clip_llama.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     result = run_tfx("train", str(cfg), timeout=240)

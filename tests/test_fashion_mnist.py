@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import run_tfx
 from PIL import Image
 
 from tfx.data.builders.fashion_mnist import CLASSES, DEBIAN_DIR, FRAME, ORDINAL, read_split
+
+from conftest import run_tfx
 
 pytestmark = pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(),
                                 reason=f"{DEBIAN_DIR} missing: apt-get install "

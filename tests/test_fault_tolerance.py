@@ -18,9 +18,10 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import ROOT, last_line, run_tfx, tiny_config_yaml
 
 from tfx.train import checkpoint
+
+from conftest import ROOT, last_line, run_tfx, set_train, tiny_config_yaml
 
 pytestmark = pytest.mark.multiproc
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.multiproc
 def write_cfg(synth_dir, tmp_path, name, **train):
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / name))
     raw["data"]["num_workers"] = 2
-    raw["train"].update(max_steps=10, save_every=2, keep_last=5, **train)
+    set_train(raw, max_steps=10, save_every=2, keep_last=5, **train)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, tmp_path / name

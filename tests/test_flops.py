@@ -3,7 +3,6 @@ forward + backward of the tiny VLM, at two N, with everything trained and in sta
 
 import pytest
 import torch
-from conftest import tiny_config_yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from tfx.config.load import load_config
@@ -14,6 +13,8 @@ from tfx.data.tokenizer import load_tokenizer
 from tfx.model.loss import supervised_count
 from tfx.model.vlm import ImageTokenIds, TokenFlexVLM
 from tfx.train.flops import FlopModel, peak_tflops
+
+from conftest import tiny_config_yaml
 
 
 @pytest.mark.parametrize("trainable", [("vision", "projector", "llm"), ("projector",)])
@@ -46,4 +47,4 @@ def test_step_flops_match_flop_counter(synth_dir, tmp_path, trainable, n):
 def test_peak_is_configured_or_from_the_device_table():
     assert peak_tflops(123.0, bf16=False) == 123.0
     if not torch.cuda.is_available():
-        assert peak_tflops(None, bf16=True) is None  # a CPU without train.peak_tflops
+        assert peak_tflops(None, bf16=True) is None  # a CPU without logging.peak_tflops

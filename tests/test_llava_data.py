@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import run_tfx, tiny_config_yaml
 from PIL import Image
 
 from tfx.data.builders.llava import read_index, sample_key
 from tfx.data.tokenizer import encode_with_image, load_tokenizer
+
+from conftest import run_tfx, set_train, tiny_config_yaml
 
 pytestmark = pytest.mark.multiproc
 
@@ -73,7 +74,7 @@ def test_llava_json_converts_trains_and_evaluates(synth_dir, tmp_path):
 
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
     raw["data"].update(train=str(out), eval=str(out), max_text_tokens=64)
-    raw["train"].update(max_steps=4, save_every=4)
+    set_train(raw, max_steps=4, save_every=4)
     cfg = tmp_path / "llava.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     result = run_tfx("train", str(cfg), timeout=240)
@@ -112,8 +113,9 @@ def test_nothing_written_is_an_error_with_the_reasons(synth_dir, tmp_path):
 def test_a_chat_template_that_re_renders_turns_is_refused(synth_dir, tmp_path):
     """Labels are the tokens a turn adds to the conversation; a template that changes earlier
     turns when one is added (here: it marks only the last message) would shift them."""
-    from conftest import last_line
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    from conftest import last_line
 
     folder = tmp_path / "tok"
     SentencePieceBackend(

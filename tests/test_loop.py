@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import last_line, run_tfx, tiny_config_yaml, tiny_run_config
 
 from tfx.config.load import load_config
 from tfx.train import checkpoint
 from tfx.train.engine import lr_factor
+
+from conftest import last_line, run_tfx, set_train, tiny_config_yaml, tiny_run_config
 
 
 def rows(run):
@@ -108,7 +109,7 @@ def test_visual_tokens_count_image_rows_only(synth_dir, tmp_path):
     text_only_shards(synth_dir, data)
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
     raw["data"]["train"] = str(data)
-    raw["train"].update(max_steps=8, save_every=0)
+    set_train(raw, max_steps=8, save_every=0)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     result = run_tfx("train", str(cfg))

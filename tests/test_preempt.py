@@ -11,7 +11,8 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT
+
+from conftest import ROOT, set_train
 
 pytestmark = pytest.mark.multiproc
 
@@ -24,7 +25,7 @@ def test_usr1_checkpoints_stops_and_resumes(synth_dir, two_rank_run, tmp_path):
     base_cfg, base_run = two_rank_run  # the same config, 6 steps uninterrupted
     raw = yaml.safe_load(base_cfg.read_text())
     run = tmp_path / "run"
-    raw["train"].update(output_dir=str(run), max_steps=40, save_every=0)
+    set_train(raw, output_dir=str(run), max_steps=40, save_every=0)
     cfg = tmp_path / "p.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     env = dict(os.environ, OMP_NUM_THREADS="1")

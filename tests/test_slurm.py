@@ -12,7 +12,8 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_config_yaml
+
+from conftest import ROOT, set_train, tiny_config_yaml
 
 pytestmark = pytest.mark.multiproc
 CLUSTER = ROOT / "launchers" / "local-cluster.sh"
@@ -81,7 +82,7 @@ def test_sbatch_trains_on_two_nodes(slurm, synth_dir, tmp_path, script):
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm, synth_dir, tmp_path):
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
-    raw["train"].update(max_steps=120, save_every=0)
+    set_train(raw, max_steps=120, save_every=0)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     job = submit(slurm, "tfx-srun.sbatch", cfg, tmp_path / "job.out")

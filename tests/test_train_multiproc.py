@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 import yaml
-from conftest import run_tfx
 
 from tfx.config.schema import TokensConfig
 from tfx.data.schedule import TokenSchedule
+
+from conftest import run_tfx
 
 pytestmark = pytest.mark.multiproc
 

@@ -51,7 +51,7 @@ def _run(fn) -> None:
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tfx train", description="Train a TokenFLEX VLM.")
     p.add_argument("config", help="YAML config (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=3e-4")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an output_dir that holds a run (deletes that run)")
@@ -86,74 +86,94 @@ def stop_line(output_dir: str, what: str, command: str) -> str:
     return f"tfx train: {what}; {where}; {how}: {command}"
 
 
+def exit_now(code: int) -> None:
+    """Leave the process group in order, flush, and exit without the interpreter's teardown:
+    gloo's threads can abort a process at finalization (`terminate called without an active
+    exception`) even after everything was written."""
+    from tfx.train.dist import shutdown
+
+    try:
+        if code == 0:
+            shutdown()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main_train_rank(argv: list[str] | None = None) -> None:
-    """One rank (under a launcher) or a single process. Exit 0 when done, 75 when preempted,
-    130 on Ctrl-C, 2 on a tfx error, 1 on a crash; once training has started, rank 0 (when no
-    `tfx train --nproc` parent does it) ends with the line naming the checkpoint to continue
-    from."""
+    """One rank (under a launcher) or a single process, for every stage of the config. Exit 0
+    when done, 75 when preempted, 130 on Ctrl-C, 2 on a tfx error, 1 on a crash; once training
+    has started, rank 0 (when no `tfx train --nproc` parent does it) ends with the line naming
+    the checkpoint to continue from."""
     args = parse_train_args(argv)
     from tfx.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 
     stop = StopRequest()  # from the first moment: Ctrl-C in start-up aborts in one line
     lead = os.environ.get("RANK", "0") == "0" and os.environ.get("TFX_PARENT") != "1"
-    cfg = None
+    stages = None
 
     def last_line(what: str) -> None:
-        if lead and cfg is not None and stop.armed:  # armed: the loop had started
-            print(stop_line(cfg.train.output_dir, what, resume_command(args)), file=sys.stderr)
+        if lead and stages and stop.armed:  # armed: the loop had started
+            from tfx.train.stages import current_output_dir
+
+            print(stop_line(current_output_dir(stages), what, resume_command(args)),
+                  file=sys.stderr)
 
     try:
         _cpu_env_defaults()
-        from tfx.config.load import load_config
+        from tfx.config.load import load_recipe
 
-        cfg = load_config(args.config, args.overrides)
+        stages = load_recipe(args.config, args.overrides)
         from tfx.train.dist import ensure_launcher_env
-        from tfx.train.loop import train
+        from tfx.train.stages import run_recipe
 
         ensure_launcher_env()
-        status = train(cfg, resume=args.resume, overwrite=args.overwrite, stop=stop)
+        status = run_recipe(stages, resume=args.resume, overwrite=args.overwrite, stop=stop)
     except TfxError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         last_line(f"stopped ({type(e).__name__})")
-        sys.exit(e.exit_code)
+        exit_now(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted by a second Ctrl-C: not saved" if stop.armed else
               "interrupted (Ctrl-C) before the first step: nothing to save", file=sys.stderr)
         last_line("aborted")
-        sys.exit(EXIT_INTERRUPTED)
+        exit_now(EXIT_INTERRUPTED)
     except BaseException:
         import traceback
 
         traceback.print_exc()
         last_line("crashed")
-        sys.exit(1)
+        exit_now(1)
     if status != "done":
         last_line(status)
-        sys.exit(EXIT_PREEMPTED if status == "preempted" else EXIT_INTERRUPTED)
+        exit_now(EXIT_PREEMPTED if status == "preempted" else EXIT_INTERRUPTED)
+    exit_now(0)
 
 
 def cmd_train(argv: list[str]) -> None:
     args = parse_train_args(argv)
 
     def go():
-        from tfx.config.load import load_config
-        from tfx.train.runfolder import check_output_dir
+        from tfx.config.load import load_recipe
+        from tfx.train.stages import check_recipe
 
-        cfg = load_config(args.config, args.overrides)  # fail here, before any rank starts
-        check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite)
+        stages = load_recipe(args.config, args.overrides)  # fail here, before any rank starts
+        check_recipe(stages, resume=args.resume, overwrite=args.overwrite)
         _cpu_env_defaults()
         from tfx.train.engine import build_ds_config
 
-        build_ds_config(cfg, max(args.nproc, 1))  # a disagreeing DeepSpeed JSON fails here too
+        for stage in stages:  # a disagreeing DeepSpeed JSON fails here too
+            build_ds_config(stage.cfg, max(args.nproc, 1))
         if args.nproc <= 1:
             main_train_rank(argv)
             return
-        sys.exit(launch_ranks(args, cfg))
+        sys.exit(launch_ranks(args, stages))
 
     _run(go)
 
 
-def launch_ranks(args, cfg) -> int:
+def launch_ranks(args, stages) -> int:
     """Start `--nproc` ranks through the deepspeed launcher in their own session, so a
     terminal's Ctrl-C reaches only this process: it forwards SIGINT/SIGTERM to the ranks (which
     finish the step and checkpoint; DeepSpeed's launcher would kill them at once), kills them on
@@ -201,7 +221,10 @@ def launch_ranks(args, cfg) -> int:
             what, code = "aborted by a second Ctrl-C", 130
         elif code < 0:
             what, code = f"killed by {signal.Signals(-code).name}", 128 - code
-        print(stop_line(cfg.train.output_dir, what, resume_command(args)), file=sys.stderr)
+        from tfx.train.stages import current_output_dir
+
+        print(stop_line(current_output_dir(stages), what, resume_command(args)),
+              file=sys.stderr)
     return code
 
 
@@ -428,21 +451,26 @@ def cmd_plan(argv: list[str]) -> None:
 
     def go():
         _cpu_env_defaults()
-        from tfx.config.load import load_config
+        from tfx.config.load import load_recipe
         from tfx.train.plan import format_plan, plan
 
-        cfg = load_config(args.config, args.overrides, check_paths=False)
-        result = plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                      text_tokens=args.text_tokens, vocab_size=args.vocab_size,
-                      answer_tokens=args.answer_tokens)
-        print(format_plan(result, cfg, args.text_tokens))
+        for stage in load_recipe(args.config, args.overrides, check_paths=False):
+            result = plan(stage.cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                          text_tokens=args.text_tokens, vocab_size=args.vocab_size,
+                          answer_tokens=args.answer_tokens)
+            if stage.name:
+                print(f"## stage {stage.name} ({stage.cfg.train.freeze}, "
+                      f"{stage.cfg.train.max_steps} steps)\n")
+            print(format_plan(result, stage.cfg, args.text_tokens) + "\n")
 
     _run(go)
 
 
 def cmd_experiment(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="tfx experiment", description="Flex vs fixed-N models.")
-    p.add_argument("what", choices=["flex-vs-fixed"])
+    p.add_argument("what", choices=["flex-vs-fixed", "modes"],
+                   help="flex-vs-fixed: a fixed-N model per count and a flex model; modes: "
+                        "fixed, random and all at one visual-token budget")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--seeds", type=int, default=3)
@@ -455,7 +483,7 @@ def cmd_experiment(argv: list[str]) -> None:
         from tfx.eval.experiment import flex_vs_fixed
 
         report = flex_vs_fixed(args.config, args.overrides, args.out, args.seeds, args.nproc,
-                               args.jobs)
+                               args.jobs, what=args.what)
         print(report["text"])
         print(report["written"])
 

@@ -105,10 +105,15 @@ def git_sha():
         return "unknown"
 
 
-def run(small: bool, out: Path, reps: int, use_compile: bool = True) -> list[dict]:
+def run(small: bool, out: Path, reps: int, use_compile: bool = True,
+        encoders: set[str] | None = None, batches: set[int] | None = None,
+        counts: set[int] | None = None) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and not small else torch.float32
     shapes = SMALL_SHAPES if small or device == "cpu" else PAPER_SHAPES
+    shapes = [s for s in shapes if small or ((not encoders or s[0] in encoders)
+                                             and (not batches or s[1] in batches)
+                                             and (not counts or s[3] ** 2 in counts))]
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     import triton
 
@@ -164,8 +169,10 @@ def print_table(rows):
 
 
 def plot(rows, path):
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a GPU machine without it: the CSV is the result
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -193,8 +200,14 @@ def main(argv=None):
     p.add_argument("--out", default="bench_out/kernel")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    p.add_argument("--encoders", default="", help="comma list of paper shapes: siglip, clip-l")
+    p.add_argument("--batches", default="", help="comma list of batch sizes, e.g. 64")
+    p.add_argument("--counts", default="", help="comma list of N, e.g. 64,256")
     args = p.parse_args(argv)
-    run(args.small, Path(args.out), args.reps, use_compile=not args.no_compile)
+    run(args.small, Path(args.out), args.reps, use_compile=not args.no_compile,
+        encoders=set(filter(None, args.encoders.split(","))),
+        batches={int(b) for b in args.batches.split(",") if b},
+        counts={int(c) for c in args.counts.split(",") if c})
 
 
 if __name__ == "__main__":

@@ -149,11 +149,11 @@ def format_rows(title: str, rows: list[dict]) -> str:
 
 
 def plot(pad: list[dict], load: list[dict], path: Path) -> None:
-    import matplotlib
+    from tfx.eval.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for name in dict.fromkeys((r["batching"], r["bucket_batches"]) for r in pad):
         rows = [r for r in pad if (r["batching"], r["bucket_batches"]) == name]

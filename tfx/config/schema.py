@@ -1,20 +1,26 @@
 """Typed run configuration: one frozen dataclass per component, nested into `RunConfig`.
 
-Data flow position: YAML -> overrides -> **these dataclasses** -> validate -> run folder.
-Fields without a default are required. Units are in the field comments.
+Data flow position: YAML -> overrides -> (stages resolved) -> **these dataclasses** -> validate
+-> run folder. Fields without a default are required; units are in the field comments;
+`Literal` fields list their choices, which `tfx.config.load` checks for every field alike.
+A recipe's `stages:` list is resolved into one RunConfig per stage by `load_recipe`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from tfx.errors import ConfigError
+
+PRESETS = {"align": ("projector",), "enhance": ("vision", "projector", "llm"),
+           "instruct": ("projector", "llm")}  # train.freeze: the parts that train
 
 
 @dataclass(frozen=True, kw_only=True)
 class VisionConfig:
-    family: str = "siglip"  # siglip | clip | efficientnet (EfficientNet-Lite0, stride 32)
+    family: Literal["siglip", "clip", "efficientnet"] = "siglip"  # efficientnet: Lite0, stride 32
     path: str | None = None  # local HF folder (efficientnet: a .pth); None builds from sizes
     image_size: int = 224  # pixels (square)
     patch_size: int = 16  # pixels
@@ -32,7 +38,7 @@ class VisionConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LLMConfig:
-    family: str = "qwen2"  # qwen2 | llama
+    family: Literal["qwen2", "llama"] = "qwen2"
     path: str | None = None  # local HF folder; None builds from the sizes below
     hidden_size: int = 512
     num_layers: int = 4
@@ -40,13 +46,14 @@ class LLMConfig:
     num_kv_heads: int = 4
     intermediate_size: int = 1408
     max_position_embeddings: int = 4096  # tokens
+    vocab_size: int | None = None  # embedding rows, >= the tokenizer's; None: the tokenizer's
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProjectorConfig:
-    pool: str = "adaptive"  # adaptive (adaptive_avg_pool2d bins) | interp (resize, then pool)
+    pool: Literal["adaptive", "interp"] = "adaptive"  # adaptive_avg_pool2d bins | resize, pool
     hidden_ratio: float = 3.0  # SwiGLU hidden width = hidden_ratio * vision width
-    kernel: str = "auto"  # auto (Triton on CUDA, PyTorch elsewhere) | triton | torch
+    kernel: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,13 +61,16 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    attn_implementation: str = "auto"  # auto (flash-attn for bf16 on GPU, else sdpa) | sdpa | eager
+    # auto: flash_attention_2 for bf16 on a GPU with flash-attn installed, else sdpa
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     default_visual_tokens: int = 256  # N used when a caller does not say
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokensConfig:
-    mode: str = "random"  # fixed | random
+    # fixed: one count; random: one count per step drawn with `probs`; all: every count in
+    # every step, the loss averaged over them (M3-style; one tower pass, C LLM passes)
+    mode: Literal["fixed", "random", "all"] = "random"
     counts: tuple[int, ...] = (64, 144, 256)  # visual tokens per image; each a perfect square
     probs: tuple[float, ...] | None = (0.2, 0.3, 0.5)  # random mode only; must sum to 1
     seed: int = 0  # the draw at step s is a pure function of (seed, s)
@@ -81,29 +91,61 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OptimConfig:
+class TrainConfig:
     max_steps: int  # optimizer steps
-    output_dir: str  # run folder: config, metrics, checkpoints
-    stage: str = "instruct"  # align (projector) | enhance (all) | instruct (projector + LLM)
+    output_dir: str  # run folder: config, metrics, checkpoints (a recipe: one folder per stage)
+    freeze: Literal["align", "enhance", "instruct"] = "instruct"  # PRESETS: the parts that train
+    init_from: str | None = None  # weights to start from: a run, a checkpoint or an HF export
+    grad_accum: int = 1  # micro-steps per optimizer step
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    grad_checkpointing: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
     lr: float = 1e-3  # peak LR of the projector
     llm_lr: float = 1e-5
     vision_lr: float = 2e-6
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03  # fraction of max_steps
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of each peak LR
-    grad_accum: int = 1  # micro-steps per optimizer step
+    weight_decay: float = 0.0  # on matrices; biases and norm weights never decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
     grad_clip: float = 1.0  # global norm; 0 disables
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    grad_checkpointing: bool = False
-    seed: int = 0
-    log_every: int = 1  # steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class LRScheduleConfig:
+    warmup_ratio: float = 0.03  # linear warmup, as a fraction of max_steps
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of each peak LR
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
     save_every: int = 0  # steps; 0 saves only at the end
     keep_last: int = 2  # checkpoints kept
-    dist_timeout_s: int = 600  # collective timeout; a hung rank fails after this long
-    check_divergence_steps: int = 0  # debug: check that ranks enter the same modules (K steps)
-    requeue: bool = True  # on SIGUSR1/SIGTERM under SLURM: checkpoint, then scontrol requeue
+    save_at_end: bool = True  # false: no final checkpoint (benchmarks)
+    save_initial: bool = False  # also step 0: the weights before any update (after init_from)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    log_every: int = 1  # steps
     trace_samples: bool = False  # each rank appends what it fed the model to trace/rank{r}.jsonl
     peak_tflops: float | None = None  # per device, for MFU; None: the GPU's bf16 peak, if known
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    timeout_s: int = 600  # collective timeout; a hung rank fails after this long
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlurmConfig:
+    requeue: bool = True  # on SIGUSR1/SIGTERM under SLURM: checkpoint, then scontrol requeue
+
+
+@dataclass(frozen=True, kw_only=True)
+class DebugConfig:
+    check_divergence_steps: int = 0  # check that ranks enter the same modules (K steps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,14 +159,21 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     data: DataConfig
-    train: OptimConfig
+    train: TrainConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> RunConfig:
         """Raise ConfigError naming the key and the fix; return self for chaining."""
         _validate_model(self.model)
         _validate_tokens(self.tokens, self.model.vision.grid_side)
-        _validate_train(self.train, self.data)
+        _validate_train(self)
         side = self.model.vision.grid_side
         dvt = self.model.default_visual_tokens
         if not _is_valid_count(dvt, side):
@@ -138,25 +187,14 @@ class RunConfig:
         return self
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-
-
 def _validate_model(m: ModelConfig) -> None:
-    _choice("model.vision.family", m.vision.family, ("siglip", "clip", "efficientnet"))
     if m.vision.family == "efficientnet" and m.vision.patch_size != 32:
         raise ConfigError("model.vision.patch_size: efficientnet's feature map has stride 32; "
                           "set patch_size: 32")
-    _choice("model.llm.family", m.llm.family, ("qwen2", "llama"))
-    _choice("model.projector.pool", m.projector.pool, ("adaptive", "interp"))
-    _choice("model.projector.kernel", m.projector.kernel, ("auto", "triton", "torch"))
     if m.projector.kernel == "triton" and m.projector.pool != "adaptive":
         raise ConfigError(f"model.projector.kernel: the Triton kernel pools with adaptive bins "
                           f"only, not pool: {m.projector.pool}; set kernel: torch (or auto), "
                           f"or pool: adaptive")
-    _choice("model.attn_implementation", m.attn_implementation,
-            ("auto", "sdpa", "eager", "flash_attention_2"))
     if m.vision.image_size < m.vision.patch_size:  # the patch conv floors: 384 / 14 -> 27
         raise ConfigError(f"model.vision.image_size: {m.vision.image_size} is smaller than "
                           f"patch_size {m.vision.patch_size}")
@@ -176,12 +214,9 @@ def suggest_counts(n_tokens: int, side: int) -> str:
 
 
 def _validate_tokens(t: TokensConfig, side: int) -> None:
-    _choice("tokens.mode", t.mode, ("fixed", "random"))
     if not t.counts:
         raise ConfigError("tokens.counts: empty; give at least one count, e.g. [64]")
     for c in t.counts:
-        if not isinstance(c, int) or isinstance(c, bool):
-            raise ConfigError(f"tokens.counts: {c!r} is not an integer")
         if not _is_valid_count(c, side):
             n = math.isqrt(max(c, 0))
             what = (f"{n}x{n} but n exceeds the vision grid side {side}" if n * n == c and n
@@ -201,26 +236,27 @@ def _validate_tokens(t: TokensConfig, side: int) -> None:
                               f"(they sum to {sum(t.probs):.4g})")
 
 
-def _validate_train(o: OptimConfig, d: DataConfig) -> None:
-    _choice("train.stage", o.stage, ("align", "enhance", "instruct"))
-    _choice("train.precision", o.precision, ("auto", "bf16", "fp32"))
-    for key, value in (("train.max_steps", o.max_steps), ("train.grad_accum", o.grad_accum),
+def _validate_train(c: RunConfig) -> None:
+    t, d, o = c.train, c.data, c.optim
+    for key, value in (("train.max_steps", t.max_steps), ("train.grad_accum", t.grad_accum),
                        ("data.micro_batch_size", d.micro_batch_size),
                        ("data.bucket_batches", d.bucket_batches),
                        ("data.max_text_tokens", d.max_text_tokens),
-                       ("train.keep_last", o.keep_last), ("train.log_every", o.log_every),
-                       ("train.dist_timeout_s", o.dist_timeout_s)):
+                       ("checkpoint.keep_last", c.checkpoint.keep_last),
+                       ("logging.log_every", c.logging.log_every),
+                       ("dist.timeout_s", c.dist.timeout_s)):
         if value < 1:
             raise ConfigError(f"{key}: {value} must be >= 1")
-    if o.save_every < 0:
-        raise ConfigError(f"train.save_every: {o.save_every} must be >= 0 (0 = only at the end)")
-    for key, value in (("data.token_budget", d.token_budget), ("data.num_workers", d.num_workers),
-                       ("train.check_divergence_steps", o.check_divergence_steps)):
+    for key, value in (("checkpoint.save_every", c.checkpoint.save_every),
+                       ("data.token_budget", d.token_budget), ("data.num_workers", d.num_workers),
+                       ("debug.check_divergence_steps", c.debug.check_divergence_steps),
+                       ("optim.lr", o.lr), ("optim.llm_lr", o.llm_lr),
+                       ("optim.vision_lr", o.vision_lr), ("optim.weight_decay", o.weight_decay),
+                       ("optim.grad_clip", o.grad_clip)):
         if value < 0:
             raise ConfigError(f"{key}: {value} must be >= 0")
-    for key, value in (("train.lr", o.lr), ("train.llm_lr", o.llm_lr),
-                       ("train.vision_lr", o.vision_lr)):
-        if value < 0:
-            raise ConfigError(f"{key}: {value} must be >= 0")
-    if not 0 <= o.warmup_ratio < 1:
-        raise ConfigError(f"train.warmup_ratio: {o.warmup_ratio} must be in [0, 1)")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas: {list(o.betas)} must each be in [0, 1)")
+    if not 0 <= c.lr_schedule.warmup_ratio < 1:
+        raise ConfigError(f"lr_schedule.warmup_ratio: {c.lr_schedule.warmup_ratio} must be in "
+                          f"[0, 1)")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from tfx.errors import ConfigError
+from tfx.eval.plots import pyplot
 from tfx.eval.runner import (
     accuracies,
     check_counts,
@@ -74,11 +75,9 @@ def table(points: list[dict], counts: list[int], chance: float | None) -> str:
 
 def plot(points: list[dict], counts: list[int], chance: float | None, path: Path,
          title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [p["step"] for p in points]
     for c in counts:

@@ -1,12 +1,16 @@
-"""`tfx experiment flex-vs-fixed CONFIG`: the paper's central comparison, in miniature.
+"""`tfx experiment flex-vs-fixed | modes CONFIG`: the paper's comparisons, in miniature.
 
-For every seed: one model trained at each fixed N of `tokens.counts`, and one flex model
-(`tokens.mode=random` with the config's probabilities), all with the same data, steps and
-optimizer. Every model is then evaluated at every N of the set plus counts it never saw
-(between and beyond). Results: `results.md` (train-N x infer-N, mean +- std over seeds),
-`results.json`, `accuracy.png` (accuracy against N, one line per model), plus visual tokens
-consumed and wall time per model. Resumable: a run with its eval.json is not run again, and a
-half-trained one continues from its checkpoint.
+- flex-vs-fixed: for every seed, one model trained at each fixed N of `tokens.counts` and one
+  flex model (`tokens.mode=random` with the config's probabilities), all with the same data,
+  steps and optimizer.
+- modes: the three token-count modes at the same visual-token budget: `fixed` at the largest
+  N for `train.max_steps` steps, `random` (the config's probabilities) and `all` (every count
+  each step) for as many steps as that budget of visual tokens per image pays for.
+Every model is then evaluated at every N of the set plus counts it never saw (between and
+beyond). Results: `results.md` (model x infer-N, mean +- std over seeds), `results.json`,
+`accuracy.png` (accuracy against N, one line per model), plus visual tokens consumed and wall
+time per model. Resumable: a run with its eval.json is not run again, and a half-trained one
+continues from its checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 from tfx.config.load import load_config
 from tfx.errors import TfxError
+from tfx.eval.plots import pyplot
 from tfx.log import get_logger
 
 
@@ -39,6 +44,23 @@ def models(counts: list[int]) -> dict[str, list[str]]:
            for n in counts}
     out["flex"] = []
     return out
+
+
+def mode_models(cfg) -> dict[str, list[str]]:
+    """fixed at the largest N for max_steps, random and all for the same visual tokens."""
+    from tfx.config.schema import TokensConfig
+    from tfx.data.schedule import TokenSchedule
+
+    counts, steps = list(cfg.tokens.counts), cfg.train.max_steps
+    budget = steps * max(counts)  # visual tokens per image slot of the batch
+    probs = cfg.tokens.probs or tuple(1 / len(counts) for _ in counts)
+    mean = TokenSchedule(TokensConfig(mode="random", counts=tuple(counts), probs=probs))
+    every = list(counts)
+    return {f"fixed-{max(counts)}": ["tokens.mode=fixed", f"tokens.counts=[{max(counts)}]",
+                                     "tokens.probs=[1.0]", f"train.max_steps={steps}"],
+            "random": ["tokens.mode=random",
+                       f"train.max_steps={round(budget / mean.mean_tokens())}"],
+            "all": ["tokens.mode=all", f"train.max_steps={round(budget / sum(every))}"]}
 
 
 def run_one(config: str, overrides: list[str], run_dir: Path, nproc: int, counts: list[int],
@@ -101,11 +123,9 @@ def markdown(table: dict, counts: list[int], trained: list[int], seeds: int) -> 
 
 
 def plot(table: dict, counts: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for model, row in table.items():
         ax.errorbar(counts, [row[str(n)]["mean"] for n in counts],
@@ -122,11 +142,14 @@ def plot(table: dict, counts: list[int], path: Path) -> None:
 
 
 def flex_vs_fixed(config: str, overrides: list[str], out: str | Path, seeds: int,
-                  nproc: int, jobs: int = 1) -> dict:
+                  nproc: int, jobs: int = 1, what: str = "flex-vs-fixed") -> dict:
     """`jobs` runs train side by side, each with cores / (jobs * nproc) threads per rank: on a
     small CPU machine two single-thread runs finish sooner than two runs in turn."""
     cfg = load_config(config, overrides)  # validates everything before the first run
     counts = list(cfg.tokens.counts)
+    chosen = models(counts) if what == "flex-vs-fixed" else mode_models(cfg)
+    if what == "modes":  # runs of different lengths: one checkpoint each, at the end
+        chosen = {k: v + ["checkpoint.save_every=0"] for k, v in chosen.items()}
     infer = eval_counts(counts, cfg.model.vision.grid_side)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +159,7 @@ def flex_vs_fixed(config: str, overrides: list[str], out: str | Path, seeds: int
 
     threads = max(1, (os.cpu_count() or 1) // (jobs * nproc)) if jobs > 1 else None
     plan = [(model, seed, [*overrides, *extra, f"train.seed={seed}", f"tokens.seed={seed}"])
-            for seed in range(seeds) for model, extra in models(counts).items()]
+            for seed in range(seeds) for model, extra in chosen.items()]
     failed = threading.Event()
 
     def job(model: str, seed: int, ov: list[str]) -> dict | None:
@@ -156,11 +179,12 @@ def flex_vs_fixed(config: str, overrides: list[str], out: str | Path, seeds: int
         results.setdefault(model, []).append(report)
     table = summarise(results, infer)
     (out / "results.json").write_text(json.dumps(
-        {"config": config, "overrides": overrides, "seeds": seeds, "trained_counts": counts,
-         "eval_counts": infer, "table": table}, indent=2))
+        {"experiment": what, "config": config, "overrides": overrides, "seeds": seeds,
+         "trained_counts": counts, "eval_counts": infer, "models": chosen, "table": table},
+        indent=2))
     text = markdown(table, infer, counts, seeds)
     flags = f" --nproc {nproc}" * (nproc > 1) + f" --jobs {jobs}" * (jobs > 1)
-    command = " ".join(["tfx experiment flex-vs-fixed", config, *overrides,
+    command = " ".join([f"tfx experiment {what}", config, *overrides,
                         f"--seeds {seeds}{flags} --out {out}"])
     (out / "results.md").write_text(f"Command: `{command}`\n\n{text}\n")
     plot(table, infer, out / "accuracy.png")

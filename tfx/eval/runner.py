@@ -23,6 +23,7 @@ from tfx.data.collate import collate
 from tfx.data.decode import SkipCounter
 from tfx.data.pipeline import read_eval_samples
 from tfx.errors import ConfigError
+from tfx.eval.plots import pyplot
 from tfx.log import get_logger
 from tfx.train import runfolder
 from tfx.train.dist import all_gather_objects, rank, world_size
@@ -167,8 +168,9 @@ def write_report(report: dict, out_dir: Path, trained: list[int], chance: float 
         written.append(f"kept the previous eval as {history / stem}.json")
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     results = {int(c): r for c, r in report["results"].items()}
-    plot(results, set(trained), out_dir / "eval.png", title=title, chance=chance)
-    written.append(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.png'}")
+    drawn = plot(results, set(trained), out_dir / "eval.png", title=title, chance=chance)
+    written.append(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.png'}" if drawn else
+                   f"wrote {out_dir / 'eval.json'} (no matplotlib: no plot)")
     return written
 
 
@@ -188,12 +190,10 @@ def format_table(results: dict[int, dict], trained: set[int]) -> str:
 
 def plot(results: dict[int, dict], trained: set[int], path: Path, title: str,
          chance: float | None = None) -> list[str]:
-    """Accuracy against N; returns the legend's labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Accuracy against N; returns the legend's labels (none without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return []
     xs = sorted(results)
     fig, ax = plt.subplots(figsize=(6, 4))
     kinds = sorted({k for r in results.values() for k in r if k != "n"})
@@ -215,8 +215,7 @@ def plot(results: dict[int, dict], trained: set[int], path: Path, title: str,
 def finish_accuracy_plot(fig, ax, xlabel: str, title: str, path: Path) -> list[str]:
     """Shared axes of the accuracy plots (0..1, labelled, legend), then write and close;
     returns the legend's labels."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ax.set_xlabel(xlabel)
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(0, 1)

@@ -20,6 +20,7 @@ from tfx.config.schema import RunConfig
 from tfx.data.decode import PIXEL_STATS
 from tfx.data.tokenizer import ASSISTANT_TAG, USER_TAG, SentencePieceChat
 from tfx.errors import CheckpointError, ConfigError
+from tfx.model import export_names
 from tfx.model.configuration_tokenflex import TokenFlexConfig
 from tfx.model.modeling_tokenflex import TokenFlexForConditionalGeneration
 from tfx.model.processing_tokenflex import TokenFlexProcessor
@@ -38,9 +39,6 @@ SP_CHAT_TEMPLATE = (
     f"{USER_TAG}{{{{ m['content'] }}}}{ASSISTANT_TAG}"
     "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# training module names -> exported ones
-RENAMES = (("vision.encoder.", "vision_tower."), ("llm.", "language_model."),
-           ("projector.", "projector."))
 
 
 def hf_config(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexConfig:
@@ -61,15 +59,10 @@ def hf_config(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexConfig:
 
 
 def rename_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for old, new in RENAMES:
-            if key.startswith(old):
-                out[new + key[len(old):]] = value
-                break
-        else:
-            raise CheckpointError(f"unexpected weight {key!r} in the training model")
-    return out
+    try:
+        return {export_names.to_hf(key): value for key, value in state.items()}
+    except KeyError as e:
+        raise CheckpointError(f"unexpected weight {e.args[0]!r} in the training model") from None
 
 
 def to_hf(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexForConditionalGeneration:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import math
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+DEFAULT_TYPES = {"vision_config": "siglip_vision_model", "text_config": "qwen2"}
 
 
 class TokenFlexConfig(PreTrainedConfig):
     model_type = "tokenflex"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
-    }
+    # a plain dict, converted in __post_init__: the form transformers 5.x accepts in every
+    # release (5.23's SubConfigSpec does not exist in 5.17)
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -35,6 +35,14 @@ class TokenFlexConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        for key, default in DEFAULT_TYPES.items():
+            value = getattr(self, key)
+            if value is None:
+                value = {"model_type": default}
+            if isinstance(value, dict):
+                value = dict(value)
+                setattr(self, key, AutoConfig.for_model(value.pop("model_type", default),
+                                                        **value))
         super().__post_init__(**kwargs)
         side = self.vision_config.image_size // self.vision_config.patch_size
         if not self.max_visual_tokens:

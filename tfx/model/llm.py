@@ -39,8 +39,10 @@ def build_llm(cfg: LLMConfig, vocab_size: int, attn_implementation: str,
 
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
                              "llama": (LlamaConfig, LlamaForCausalLM)}[cfg.family]
+    vocab_size = max(vocab_size, cfg.vocab_size or 0)
     if hf_config is not None:
-        hf = config_cls.from_dict({**hf_config, "vocab_size": vocab_size})
+        hf = config_cls.from_dict({**hf_config,
+                                   "vocab_size": max(vocab_size, hf_config["vocab_size"])})
         model = model_cls._from_config(hf, attn_implementation=attn_implementation)
     elif cfg.path is not None:
         model = model_cls.from_pretrained(cfg.path, attn_implementation=attn_implementation)

@@ -23,6 +23,11 @@ from tfx.model.projector import TokenAdaptiveProjector
 from tfx.model.vision import VisionTower
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The loss in fp32 for bf16 logits, and in the logits' own precision when higher."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass(frozen=True)
 class ImageTokenIds:
     start: int
@@ -62,12 +67,23 @@ class TokenFlexVLM(nn.Module):
         # Rows without an image still ran the tower: keep it in the graph with weight 0.
         return embeds_BTD + 0.0 * visual_BND.sum()
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
-                attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids, pixel_values: torch.Tensor, n_visual,
+                attention_mask=None, labels=None) -> torch.Tensor:
         """Logits (B, T, V); with `labels`, the summed cross-entropy of the answer tokens,
         with the LM head applied at those positions only (the V-way logits of every prompt
-        and image position are never formed: most of the cost for a large vocabulary)."""
+        and image position are never formed: most of the cost for a large vocabulary).
+        `n_visual` a tuple of C counts (tokens.mode all): `input_ids`, `attention_mask` and
+        `labels` are then C-tuples, one batch per count over the same samples, and the result
+        is the (C,) summed cross-entropies; the tower runs once for all of them."""
+        if isinstance(n_visual, (tuple, list)):
+            dtype = self.llm.get_input_embeddings().weight.dtype
+            feats_BTC = self.vision(pixel_values.to(dtype))
+            sums = []
+            for ids, n, mask, lab in zip(input_ids, n_visual, attention_mask, labels):
+                logits_KV, targets_K, _ = self.answer_logits(ids, pixel_values, n, mask, lab,
+                                                             feats_BTC)
+                sums.append(F.cross_entropy(_at_least_fp32(logits_KV), targets_K, reduction="sum"))
+            return torch.stack(sums)
         if labels is None:
             embeds_BTD = self.embed(input_ids, pixel_values, n_visual)
             out = self.llm(inputs_embeds=embeds_BTD, attention_mask=attention_mask,
@@ -75,7 +91,7 @@ class TokenFlexVLM(nn.Module):
             return out.logits
         logits_KV, targets_K, _ = self.answer_logits(input_ids, pixel_values, n_visual,
                                                      attention_mask, labels)
-        return F.cross_entropy(logits_KV.float(), targets_K, reduction="sum")
+        return F.cross_entropy(_at_least_fp32(logits_KV), targets_K, reduction="sum")
 
     def answer_logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
                       attention_mask: torch.Tensor | None, labels: torch.Tensor,

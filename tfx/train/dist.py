@@ -100,6 +100,16 @@ def init_process_group(timeout_s: int = 600) -> None:
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> None:
+    """In place: every rank gets rank `src`'s values (through the backend's device)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    moved = tensor.to(_comm_device())
+    dist.broadcast(moved, src)
+    if moved is not tensor:
+        tensor.copy_(moved)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

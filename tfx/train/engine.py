@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tfx.config.schema import RunConfig
+from tfx.config.schema import PRESETS, RunConfig
 from tfx.errors import ConfigError
 from tfx.log import get_logger
 from tfx.model.llm import resolve_attn
@@ -46,7 +46,7 @@ def build_ds_config(cfg: RunConfig, world: int) -> dict:
                               "from the train section")
     want = {"train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
             "gradient_accumulation_steps": cfg.train.grad_accum,
-            "gradient_clipping": cfg.train.grad_clip,
+            "gradient_clipping": cfg.optim.grad_clip,
             "train_batch_size": cfg.data.micro_batch_size * cfg.train.grad_accum * world}
     for key, value in want.items():
         if key in ds and ds[key] not in ("auto", value):
@@ -146,38 +146,58 @@ def build_model(cfg: RunConfig, tok, ds_config: dict) -> tuple[TokenFlexVLM, obj
     return model, hf_ds
 
 
-def load_partitioned(module: torch.nn.Module, state: dict, strict: bool = True) -> list[str]:
-    """Copy `state` into `module`, whose parameters may be ZeRO-3 partitions: one parameter at
-    a time is gathered, written on rank 0 and re-partitioned (the whole model is never
-    materialised on a rank). Returns the names of the module's tensors `state` lacked."""
+def load_partitioned(module: torch.nn.Module, state: dict | None, strict: bool = True,
+                     where: str = "weights") -> dict:
+    """Collective: copy rank 0's `state` (other ranks pass None) into `module`, whose
+    parameters may be ZeRO-3 partitions. One parameter at a time is gathered, written on rank 0
+    and re-partitioned, so the whole model is never materialised on a rank; a parameter that is
+    not partitioned (ZeRO stage < 3) and the buffers are broadcast from rank 0. Shapes are
+    checked on rank 0 first, and every rank raises the same one-line ConfigError. Returns
+    {"loaded": [names], "missing": [names the state lacked], "unexpected": [...]}."""
     import deepspeed
 
-    from tfx.train.dist import rank
+    from tfx.train.dist import all_gather_objects, broadcast_, rank
 
-    missing = []
-    for name, p in module.named_parameters():
-        if name not in state:
-            missing.append(name)
+    params = dict(module.named_parameters())
+    persistent = set(module.state_dict(keep_vars=True))  # buffers a checkpoint holds
+    buffers = {n: b for n, b in module.named_buffers() if n in persistent}
+    report = None
+    if rank() == 0:
+        wanted = {n: shape_of(p) for n, p in params.items()} | {
+            n: tuple(b.shape) for n, b in buffers.items()}
+        report = {"missing": [n for n in wanted if n not in state],
+                  "unexpected": [k for k in state if k not in wanted],
+                  "mismatch": next(([n, list(state[n].shape), list(s)] for n, s in wanted.items()
+                                    if n in state and tuple(state[n].shape) != s), None)}
+    report = all_gather_objects(report)[0]
+    if report["mismatch"]:
+        name, theirs, ours = report["mismatch"]
+        raise ConfigError(f"{where}: {name} has shape {tuple(theirs)} there but {tuple(ours)} "
+                          f"in this model")
+    if strict and (report["missing"] or report["unexpected"]):
+        raise ConfigError(f"{where}: missing {report['missing'][:3]}, unexpected "
+                          f"{report['unexpected'][:3]}")
+    loaded = []
+    for name, p in params.items():
+        if name in report["missing"]:
             continue
-        want = state[name]
-        if tuple(want.shape) != shape_of(p):
-            raise ConfigError(f"{name}: the weights have shape {tuple(want.shape)}, the model "
-                              f"{shape_of(p)}")
         if hasattr(p, "ds_id"):
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if rank() == 0:
-                    p.data.copy_(want.to(p.dtype))
+                    p.data.copy_(state[name].to(p.dtype))
         else:
             with torch.no_grad():
-                p.copy_(want.to(p.dtype))
-    for name, b in module.named_buffers():
-        if name in state:
-            b.copy_(state[name].to(b.dtype))
-        else:
-            missing.append(name)
-    if strict and missing:
-        raise ConfigError(f"weights for {type(module).__name__} lack {missing[:3]}")
-    return missing
+                if rank() == 0:
+                    p.copy_(state[name].to(p.dtype))
+                broadcast_(p.data)
+        loaded.append(name)
+    for name, b in buffers.items():
+        if name not in report["missing"]:
+            if rank() == 0:
+                b.copy_(state[name].to(b.dtype))
+            broadcast_(b)
+            loaded.append(name)
+    return {"loaded": loaded, "missing": report["missing"], "unexpected": report["unexpected"]}
 
 
 def _preimport_model_code(cfg: RunConfig) -> None:
@@ -196,8 +216,7 @@ def _preimport_model_code(cfg: RunConfig) -> None:
         _hf_classes(cfg.model.vision.family)
 
 
-TRAINABLE = {"align": ("projector",), "enhance": ("vision", "projector", "llm"),
-             "instruct": ("projector", "llm")}
+TRAINABLE = PRESETS  # train.freeze -> the parts that train (one table, in the schema)
 
 
 def shape_of(p: torch.nn.Parameter) -> tuple[int, ...]:
@@ -210,15 +229,15 @@ def param_groups(cfg: RunConfig, model: TokenFlexVLM) -> list[dict]:
     """Freeze per stage and give each trainable part its own LR; returns optimizer groups.
     Matrices (2-D and up: linear weights, embeddings, convolutions) decay; biases and norm
     weights do not."""
-    lrs = {"vision": cfg.train.vision_lr, "projector": cfg.train.lr, "llm": cfg.train.llm_lr}
-    trainable = TRAINABLE[cfg.train.stage]
+    lrs = {"vision": cfg.optim.vision_lr, "projector": cfg.optim.lr, "llm": cfg.optim.llm_lr}
+    trainable = TRAINABLE[cfg.train.freeze]
     model.set_trainable(trainable)
     groups = []
     for name in trainable:
         params = list(model.parts()[name].parameters())
         decay = [p for p in params if len(shape_of(p)) >= 2]
         no_decay = [p for p in params if len(shape_of(p)) < 2]
-        groups += [{"params": decay, "lr": lrs[name], "weight_decay": cfg.train.weight_decay,
+        groups += [{"params": decay, "lr": lrs[name], "weight_decay": cfg.optim.weight_decay,
                     "name": name},
                    {"params": no_decay, "lr": lrs[name], "weight_decay": 0.0, "name": name}]
     return [g for g in groups if g["params"]]
@@ -227,11 +246,11 @@ def param_groups(cfg: RunConfig, model: TokenFlexVLM) -> list[dict]:
 def lr_factor(step: int, cfg: RunConfig) -> float:
     """Linear warmup then cosine to min_lr_ratio; a factor on every group's peak LR."""
     total = cfg.train.max_steps
-    warm = int(math.ceil(cfg.train.warmup_ratio * total))
+    warm = int(math.ceil(cfg.lr_schedule.warmup_ratio * total))
     if step < warm:
         return (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
-    floor = cfg.train.min_lr_ratio
+    floor = cfg.lr_schedule.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -248,9 +267,9 @@ def initialize(cfg: RunConfig, model: TokenFlexVLM, ds_config: dict):
 
         log.info("optimizer state offloaded: DeepSpeedCPUAdam (its C++ op is compiled on the "
                  "first use on a machine, about a minute)")
-        optimizer = DeepSpeedCPUAdam(groups, betas=(0.9, 0.95), adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(groups, betas=cfg.optim.betas, adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=False)
+        optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas, fused=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)

@@ -34,7 +34,7 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
 
 
 def peak_tflops(configured: float | None, bf16: bool) -> float | None:
-    """`train.peak_tflops` when set, else the bf16 peak of the GPU from the table; None when
+    """`logging.peak_tflops` when set, else the bf16 peak of the GPU from the table; None when
     unknown (a CPU, fp32 training, a device not in the table): MFU is then logged as null."""
     if configured:
         return configured
@@ -106,11 +106,13 @@ class FlopModel:
                    attn_width=cfg.num_attention_heads * head_dim,
                    head=_numel(llm.get_output_embeddings().weight), trainable=frozenset(trainable))
 
-    def step(self, images: int, n_visual: int, row_lengths: list[int], supervised: int) -> float:
+    def step(self, images: int, n_visual: int, row_lengths: list[int], supervised: int,
+             include_vision: bool = True) -> float:
         """Forward + backward FLOPs of micro-batches holding `images` images at N, LLM rows of
-        these real lengths, and `supervised` supervised positions."""
+        these real lengths, and `supervised` supervised positions. `include_vision=False`: a
+        further count of tokens.mode all, whose tower pass is shared."""
         t = self.trainable
-        vision = self.vision_per_image * images
+        vision = self.vision_per_image * images * include_vision
         projector = 2.0 * self.projector_weights * n_visual * images
         linear = 2.0 * self.llm_weights * sum(row_lengths)
         attention = 4.0 * self.llm_layers * self.attn_width * sum(n * n for n in row_lengths)
@@ -126,6 +128,7 @@ class FlopModel:
             backward += linear + 2 * attention + head
         return vision + projector + linear + attention + head + backward
 
-    def batch_flops(self, batch: dict, n_visual: int, supervised: int) -> float:
+    def batch_flops(self, batch: dict, n_visual: int, supervised: int,
+                    include_vision: bool = True) -> float:
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        return self.step(int(batch["images"]), n_visual, lengths, supervised)
+        return self.step(int(batch["images"]), n_visual, lengths, supervised, include_vision)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import yaml
 from tfx.config.load import config_hash, dump_config, to_dict
 from tfx.config.schema import RunConfig
 from tfx.data.builders.llava import read_index
+from tfx.data.collate import collate
 from tfx.data.pipeline import TrainStream
 from tfx.data.schedule import TokenSchedule
 from tfx.data.tokenizer import load_tokenizer
@@ -27,9 +29,10 @@ from tfx.log import get_logger
 from tfx.model.loss import supervised_count
 from tfx.train import checkpoint, faults, runfolder
 from tfx.train import engine as eng
-from tfx.train.dist import all_reduce_sum, barrier, rank, setup_device, shutdown, world_size
+from tfx.train.dist import all_reduce_sum, barrier, rank, setup_device, world_size
 from tfx.train.divergence import DivergenceGuard
 from tfx.train.flops import FlopModel, peak_tflops
+from tfx.train.init import init_weights
 from tfx.train.metrics import MetricsLogger
 from tfx.train.signals import StopRequest, requeue_slurm_job
 from tfx.train.state import TrainState
@@ -38,13 +41,21 @@ from tfx.train.trace import SampleTrace
 log = get_logger(__name__)
 
 
-def write_run_folder(cfg: RunConfig, out: Path, ds_config: dict, tok, model) -> None:
+def write_run_folder(cfg: RunConfig, out: Path, ds_config: dict, tok, model, device) -> None:
     """Rank 0, before step 0: resolved configs, run.json, the tokenizer and the towers' HF
     configs (see `tfx.train.runfolder`)."""
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
-    runfolder.write_run_json(out)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    runfolder.write_run_json(out, {
+        "device": name, "world_size": world_size(),
+        "dtype": "bf16" if ds_config["bf16"]["enabled"] else "fp32",
+        "attn_implementation": model.llm.config._attn_implementation,
+        "projector_kernel": "triton" if model.projector.use_triton(
+            torch.empty(0, device=device)) else "torch",
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
+                     "deepspeed": _version("deepspeed"), "triton": _version("triton")}})
     tok.save(out / "tokenizer")
     (out / "model").mkdir(exist_ok=True)
     for part, hf in model.hf_configs().items():
@@ -59,36 +70,51 @@ def log_param_table(table: list) -> None:
     log.info("parameters:\n" + "\n".join(lines))
 
 
-def run_step(engine, batches: list[dict], n_visual: int, cfg: RunConfig, device,
-             votes: list[float], skipped: int, scheduler, group_names: list[str],
+def run_step(engine, batches: list[list[dict]], counts: tuple[int, ...], cfg: RunConfig,
+             device, votes: list[float], skipped: int, scheduler, group_names: list[str],
              flop_model: FlopModel) -> dict:
-    """Forward/backward of the step's micro-batches and the optimizer step. The loss backed up
-    is `ce_sum / global_count * world * grad_accum`: DeepSpeed averages over ranks and divides
-    by grad_accum, so the update sees every supervised token of the step with equal weight."""
-    counts = [supervised_count(b["labels"]) for b in batches]
-    flops = sum(flop_model.batch_flops(b, n_visual, c) for b, c in zip(batches, counts))
-    local = [sum(counts), sum(b["real_tokens"] for b in batches),
-             sum(b["padded_tokens"] for b in batches),
-             float(sum(b["images"] for b in batches)), float(skipped), flops, *votes]
+    """Forward/backward of the step's micro-batches and the optimizer step. `batches[i][c]` is
+    micro-batch i collated at counts[c] (one count unless tokens.mode is all). The loss backed
+    up per micro-batch is `sum_c ce_c / (C * global_count) * world * grad_accum`, one backward:
+    DeepSpeed averages over ranks and divides by grad_accum, so the update sees every
+    supervised token of the step, at every count, with equal weight, and its micro-step
+    bookkeeping is the usual one."""
+    C = len(counts)
+    supervised = [supervised_count(per[0]["labels"]) for per in batches]  # equal at every N
+    flops = sum(flop_model.batch_flops(b, n, s, include_vision=c == 0)
+                for per, s in zip(batches, supervised) for c, (b, n) in enumerate(zip(per, counts)))
+    flat = [b for per in batches for b in per]
+    local = [sum(supervised), sum(b["real_tokens"] for b in flat),
+             sum(b["padded_tokens"] for b in flat), float(sum(per[0]["images"] for per in batches)),
+             float(skipped), flops, *votes]
     (global_count, real, padded, images, skipped_all, flops_all, stop,
      interrupted) = all_reduce_sum(local)
     world, gas = world_size(), cfg.train.grad_accum
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums_C = torch.zeros(C, dtype=torch.float64, device=device)
     lrs = {}
-    for i, b in enumerate(batches):
-        summed = engine(input_ids=b["input_ids"].to(device),
-                        pixel_values=b["pixel_values"].to(device), n_visual=n_visual,
-                        attention_mask=b["attention_mask"].to(device),
-                        labels=b["labels"].to(device))
-        engine.backward(summed / max(global_count, 1) * world * gas)
+    for i, per in enumerate(batches):
+        if C == 1:
+            b = per[0]
+            sums = engine(input_ids=b["input_ids"].to(device),
+                          pixel_values=b["pixel_values"].to(device), n_visual=counts[0],
+                          attention_mask=b["attention_mask"].to(device),
+                          labels=b["labels"].to(device))[None]
+        else:
+            sums = engine(input_ids=tuple(b["input_ids"].to(device) for b in per),
+                          pixel_values=per[0]["pixel_values"].to(device), n_visual=counts,
+                          attention_mask=tuple(b["attention_mask"].to(device) for b in per),
+                          labels=tuple(b["labels"].to(device) for b in per))
+        engine.backward(sums.sum() / (C * max(global_count, 1)) * world * gas)
         if i == len(batches) - 1:  # the LRs this optimizer step uses, before it advances them
             lrs = eng.step_lrs(scheduler, group_names)
         engine.step()
-        loss_sum += summed.detach().double()
-    (total_loss,) = all_reduce_sum([float(loss_sum)])
-    return {"loss": total_loss / max(global_count, 1), "real": real, "padded": padded,
+        sums_C += sums.detach().double()
+    totals = all_reduce_sum(sums_C.tolist())
+    count = max(global_count, 1)
+    return {"loss": sum(totals) / (C * count), "real": real, "padded": padded,
             "images": images, "skipped": int(skipped_all), "stop": stop > 0,
-            "interrupted": interrupted > 0, "lr": lrs, "flops": flops_all}
+            "interrupted": interrupted > 0, "lr": lrs, "flops": flops_all,
+            "loss_by_n": {str(n): t / count for n, t in zip(counts, totals)} if C > 1 else None}
 
 
 def log_epoch_length(cfg: RunConfig, world: int) -> None:
@@ -105,28 +131,64 @@ def log_epoch_length(cfg: RunConfig, world: int) -> None:
              f"max {max(lengths)}")
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-          stop: StopRequest | None = None) -> str:
-    """Run to `max_steps` ("done"), or stop after a signal ("preempted", "interrupted")."""
+@dataclass
+class Run:
+    """Everything a started run's steps use."""
+    cfg: RunConfig
+    out: Path
+    device: torch.device
+    tok: object
+    engine: object
+    scheduler: object
+    group_names: list[str]
+    schedule: TokenSchedule
+    stream: TrainStream
+    state: TrainState
+    flop_model: FlopModel
+    peak: float | None
+    guard: DivergenceGuard
+    config_yaml: str = ""
+    keep_alive: object = None  # the HfDeepSpeedConfig: transformers sees ZeRO-3 while it lives
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def start(cfg: RunConfig, resume: bool, overwrite: bool) -> Run:
+    """Every rank: check the run folder, build the model (ZeRO-3 partitioned), load
+    `init_from` weights when starting fresh, wrap it in the engine, restore a checkpoint when
+    resuming, and write the run folder."""
     out = Path(cfg.train.output_dir)
     runfolder.check_output_dir(out, resume=resume, overwrite=overwrite)  # every rank, no writes
-    stop = stop or StopRequest()
     device = setup_device()
-    eng.init_distributed(cfg.train.dist_timeout_s)  # every rank has checked before rank 0 clears
+    eng.init_distributed(cfg.dist.timeout_s)  # every rank has checked before rank 0 clears
     if overwrite and rank() == 0 and out.is_dir():
         runfolder.clear(out)
         log.info(f"--overwrite: removed the previous run in {out}")
     torch.manual_seed(cfg.train.seed)
     ds_config = eng.build_ds_config(cfg, world_size())
     tok = load_tokenizer(cfg.data.tokenizer)
-    model, _hf_ds_alive = eng.build_model(cfg, tok, ds_config)
+    model, hf_ds_alive = eng.build_model(cfg, tok, ds_config)
+    tag = checkpoint.verified_resume_tag(out / "checkpoints", log) \
+        if resume and (out / "checkpoints").is_dir() else None
+    if tag is None and cfg.train.init_from:
+        init_weights(model, cfg.train.init_from, log)
     faults.install(model, rank())
-    guard = DivergenceGuard(model, cfg.train.check_divergence_steps)  # hooks before DeepSpeed's
+    guard = DivergenceGuard(model, cfg.debug.check_divergence_steps)  # hooks before DeepSpeed's
     engine, _, scheduler, group_names = eng.initialize(cfg, model, ds_config)
-    flop_model = FlopModel.of(model, eng.TRAINABLE[cfg.train.stage])
-    peak = peak_tflops(cfg.train.peak_tflops, ds_config["bf16"]["enabled"])
+    schedule = TokenSchedule(cfg.tokens)
+    run = Run(cfg=cfg, out=out, device=device, tok=tok, engine=engine, scheduler=scheduler,
+              group_names=group_names, schedule=schedule,
+              stream=TrainStream(cfg, tok, rank=rank(), world=world_size()),
+              state=TrainState(config_hash=config_hash(cfg), world_size=world_size(),
+                               schedule=schedule.state_dict()),
+              flop_model=FlopModel.of(model, eng.TRAINABLE[cfg.train.freeze]),
+              peak=peak_tflops(cfg.logging.peak_tflops, ds_config["bf16"]["enabled"]),
+              guard=guard, config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False),
+              keep_alive=hf_ds_alive)
     if rank() == 0:
-        write_run_folder(cfg, out, ds_config, tok, model)
+        write_run_folder(cfg, out, ds_config, tok, model, device)
     barrier()  # the run folder exists before any rank writes into it
     table = eng.param_table(model)
     (out / f"params_rank{rank()}.json").write_text(json.dumps(
@@ -135,65 +197,77 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     if rank() == 0:
         log_param_table(table)
         log_epoch_length(cfg, world_size())
-    schedule = TokenSchedule(cfg.tokens)
-    stream = TrainStream(cfg, tok, rank=rank(), world=world_size())
-    state = TrainState(config_hash=config_hash(cfg), world_size=world_size(),
-                       schedule=schedule.state_dict())
-    ckpt_root = out / "checkpoints"
-    if resume:
-        restore(engine, stream, state, ckpt_root)
-    metrics = MetricsLogger(out, enabled=rank() == 0, resume_step=state.step)
-    trace = SampleTrace(out, rank(), cfg.train.trace_samples, tok.img_ctx_id)
-    trace.truncate_after(state.step)
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    pid = runfolder.pid_file(out, rank())
+    if tag is not None:
+        restore(run, tag)
+    elif resume:
+        log.info("--resume: no checkpoint yet, starting at step 0")
+    if run.state.step == 0 and cfg.checkpoint.save_initial:
+        save(run)  # step_0000000: the weights every update starts from
+    return run
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+          stop: StopRequest | None = None) -> str:
+    """Run to `max_steps` ("done"), or stop after a signal ("preempted", "interrupted"). The
+    caller owns the process group (several stages share it)."""
+    stop = stop or StopRequest()
+    run = start(cfg, resume, overwrite)
+    metrics = MetricsLogger(run.out, enabled=rank() == 0, resume_step=run.state.step)
+    trace = SampleTrace(run.out, rank(), cfg.logging.trace_samples, run.tok.img_ctx_id)
+    trace.truncate_after(run.state.step)
+    pid = runfolder.pid_file(run.out, rank())
     pid.write_text(str(os.getpid()))  # kill -USR1 $(cat runs/x/rank*.pid); removed at exit
-    bar = progress_bar(state.step, cfg.train.max_steps)
-    status = "done"
+    bar = progress_bar(run.state.step, cfg.train.max_steps)
     stop.arm()
     try:
-        for step in range(state.step, cfg.train.max_steps):
-            n_visual = schedule.n_at(step)
-            t0 = time.perf_counter()
-            batches = [stream.next_batch(n_visual) for _ in range(cfg.train.grad_accum)]
-            trace.write(step, batches)
-            stats = run_step(engine, batches, n_visual, cfg, device, stop.votes, stream.skipped,
-                             scheduler, group_names, flop_model)
-            guard.end_step()
-            dt = time.perf_counter() - t0
-            state.step = step + 1
-            state.visual_tokens += stats["images"] * n_visual
-            row = metric_row(stats, state, n_visual, engine, dt, peak)
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-                metrics.log(row)
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", N=n_visual,
-                                tok_s=f"{row['tokens_per_s']:.0f}",
-                                pad=f"{row['padding_frac']:.1%}", skip=row["skipped"],
-                                refresh=False)
-                bar.update(1)
-            last = state.step == cfg.train.max_steps
-            if last or stats["stop"] or (cfg.train.save_every and
-                                         state.step % cfg.train.save_every == 0):
-                save(engine, stream, state, ckpt_root, cfg, config_yaml)
-            if stats["stop"] and not last:
-                status = "interrupted" if stats["interrupted"] else "preempted"
-                if rank() == 0:
-                    log.info(f"{status}: stopped after step {state.step} with a complete "
-                             f"checkpoint")
-                if status == "preempted" and rank() == 0 and cfg.train.requeue:
-                    requeue_slurm_job()
-                break
-    finally:
+        status = steps(run, stop, metrics, trace, bar)
+    finally:  # no collective here: after an exception the other ranks may never come
         pid.unlink(missing_ok=True)
         if bar is not None:
             bar.close()
         metrics.close()
-    shutdown()
+    barrier()
     return status
 
 
-def metric_row(stats: dict, state: TrainState, n_visual: int, engine, dt: float,
+def steps(run: Run, stop: StopRequest, metrics: MetricsLogger, trace: SampleTrace, bar) -> str:
+    cfg, state = run.cfg, run.state
+    for step in range(state.step, cfg.train.max_steps):
+        counts = run.schedule.counts_at(step)
+        t0 = time.perf_counter()
+        micro = [run.stream.next_samples() for _ in range(cfg.train.grad_accum)]
+        batches = [[collate(samples, n, run.tok) for n in counts] for samples in micro]
+        trace.write(step, [b for per in batches for b in per])
+        stats = run_step(run.engine, batches, counts, cfg, run.device, stop.votes,
+                         run.stream.skipped, run.scheduler, run.group_names, run.flop_model)
+        run.guard.end_step()
+        dt = time.perf_counter() - t0
+        state.step = step + 1
+        state.visual_tokens += stats["images"] * sum(counts)
+        row = metric_row(stats, state, counts[0] if len(counts) == 1 else list(counts),
+                         run.engine, dt, run.peak)
+        if state.step % cfg.logging.log_every == 0 or state.step == cfg.train.max_steps:
+            metrics.log(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", N="all" if len(counts) > 1 else counts[0],
+                            tok_s=f"{row['tokens_per_s']:.0f}", pad=f"{row['padding_frac']:.1%}",
+                            skip=row["skipped"], refresh=False)
+            bar.update(1)
+        last = state.step == cfg.train.max_steps
+        if (last and cfg.checkpoint.save_at_end) or stats["stop"] or (
+                cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0):
+            save(run)
+        if stats["stop"] and not last:
+            status = "interrupted" if stats["interrupted"] else "preempted"
+            if rank() == 0:
+                log.info(f"{status}: stopped after step {state.step} with a complete checkpoint")
+            if status == "preempted" and rank() == 0 and cfg.slurm.requeue:
+                requeue_slurm_job()
+            return status
+    return "done"
+
+
+def metric_row(stats: dict, state: TrainState, n_visual, engine, dt: float,
                peak: float | None) -> dict:
     tflops = stats["flops"] / dt / world_size() / 1e12  # achieved, per device
     return {"step": state.step, "loss": stats["loss"], "n_visual": n_visual,
@@ -201,38 +275,35 @@ def metric_row(stats: dict, state: TrainState, n_visual: int, engine, dt: float,
             "tokens_per_s": stats["real"] / dt, "visual_tokens": state.visual_tokens,
             "padding_frac": stats["padded"] / max(stats["real"] + stats["padded"], 1),
             "tflops": tflops, "mfu": tflops / peak if peak else None,
-            "peak_mem_mb": _peak_mem_mb(), "skipped": stats["skipped"], "step_time_s": dt}
+            "peak_mem_mb": _peak_mem_mb(), "skipped": stats["skipped"], "step_time_s": dt,
+            "loss_by_n": stats["loss_by_n"]}
 
 
-def save(engine, stream, state: TrainState, ckpt_root: Path, cfg: RunConfig,
-         config_yaml: str) -> None:
+def save(run: Run) -> None:
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    checkpoint.save(engine, ckpt_root, state.state_dict(), {"data": stream.state_dict()}, rng,
-                    config_yaml, cfg.train.keep_last)
+    checkpoint.save(run.engine, run.ckpt_root, run.state.state_dict(),
+                    {"data": run.stream.state_dict()}, rng, run.config_yaml,
+                    run.cfg.checkpoint.keep_last)
     if rank() == 0:
-        log.info(f"saved checkpoint {checkpoint.tag_for(state.step)}")
+        log.info(f"saved checkpoint {checkpoint.tag_for(run.state.step)}")
 
 
-def restore(engine, stream, state: TrainState, ckpt_root: Path) -> None:
-    """Continue from the newest checkpoint whose files verify (an older one if it is damaged)."""
+def restore(run: Run, tag: str) -> None:
+    """Continue from checkpoint `tag` (already verified by `checkpoint.verified_resume_tag`)."""
     from tfx.errors import CheckpointError
 
-    tag = checkpoint.verified_resume_tag(ckpt_root, log) if ckpt_root.is_dir() else None
-    if tag is None:
-        log.info("--resume: no checkpoint yet, starting at step 0")
-        return
-    _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
+    _, client = run.engine.load_checkpoint(str(run.ckpt_root), tag=tag)
     if client is None or "tfx" not in client:
-        raise CheckpointError(f"{ckpt_root / tag}: DeepSpeed could not load it")
-    state.load_state_dict(client["tfx"], str(ckpt_root / tag), log)
-    data, rng = checkpoint.rank_files(ckpt_root / tag)
-    stream.load_state_dict(data["data"])
+        raise CheckpointError(f"{run.ckpt_root / tag}: DeepSpeed could not load it")
+    run.state.load_state_dict(client["tfx"], str(run.ckpt_root / tag), log)
+    data, rng = checkpoint.rank_files(run.ckpt_root / tag)
+    run.stream.load_state_dict(data["data"])
     if rng is not None:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    log.info(f"resumed from {tag} at step {state.step}")
+    log.info(f"resumed from {tag} at step {run.state.step}")
 
 
 def progress_bar(start: int, total: int):
@@ -241,6 +312,15 @@ def progress_bar(start: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _float(x) -> float | None:

@@ -65,20 +65,24 @@ def plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, text_tokens: int,
             total, largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
             cpu_offload=offload, cpu_offload_params=offload_params)
         memory[label] = {"gpu_gib": gpu / 2**30, "cpu_gib_per_node": cpu / 2**30}
-    flop_model = FlopModel.of(model, TRAINABLE[cfg.train.stage])
+    flop_model = FlopModel.of(model, TRAINABLE[cfg.train.freeze])
     batch = nodes * gpus_per_node * cfg.data.micro_batch_size * cfg.train.grad_accum
     rows = []
-    for n_visual, prob in zip(cfg.tokens.counts, cfg.tokens.probs if cfg.tokens.mode == "random"
-                              else (1.0,)):
+    mode = cfg.tokens.mode
+    weights = cfg.tokens.probs if mode == "random" else (1.0,) * len(cfg.tokens.counts)
+    for c, (n_visual, prob) in enumerate(zip(cfg.tokens.counts, weights)):
         seq = text_tokens + n_visual + 2
-        flops = flop_model.step(batch, n_visual, [seq] * batch, min(answer_tokens,
-                                                                     text_tokens) * batch)
+        # tokens.mode all: every count in every step, the tower's pass shared (counted once)
+        flops = flop_model.step(batch, n_visual, [seq] * batch,
+                                min(answer_tokens, text_tokens) * batch,
+                                include_vision=mode != "all" or c == 0)
         rows.append({"N": n_visual, "prob": prob, "tokens_per_step": batch * seq,
                      "visual_share": (n_visual + 2) / seq, "tflops_per_step": flops / 1e12})
     mean = {k: sum(r[k] * r["prob"] for r in rows) for k in ("tokens_per_step",
                                                              "tflops_per_step")}
     return {"parts": parts, "total": total, "largest_layer": largest, "memory": memory,
-            "rows": rows, "mean": mean, "global_batch": batch, "vocab_size": vocab_size,
+            "rows": rows, "mean": mean, "mode": mode, "global_batch": batch,
+            "vocab_size": vocab_size,
             "gpus": nodes * gpus_per_node}
 
 
@@ -99,6 +103,7 @@ def format_plan(p: dict, cfg: RunConfig, text_tokens: int) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {r['N']} | {r['prob']:.2f} | {r['tokens_per_step']:,} | "
               f"{r['visual_share']:.1%} | {r['tflops_per_step']:,.1f} |" for r in p["rows"]]
-    lines.append(f"| mean | | {p['mean']['tokens_per_step']:,.0f} | | "
+    label = "step (all counts)" if p["mode"] == "all" else "mean"
+    lines.append(f"| {label} | | {p['mean']['tokens_per_step']:,.0f} | | "
                  f"{p['mean']['tflops_per_step']:,.1f} |")
     return "\n".join(lines)

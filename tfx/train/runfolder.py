@@ -68,8 +68,10 @@ def clear(out: Path) -> None:
             p.unlink()
 
 
-def write_run_json(out: Path) -> None:
-    record = {"workdir": os.getcwd(), "argv": sys.argv, "started": time.strftime("%F %T")}
+def write_run_json(out: Path, runtime: dict | None = None) -> None:
+    """`runtime`: what the run resolved at start (device, dtype, attention, world size)."""
+    record = {"workdir": os.getcwd(), "argv": sys.argv, "started": time.strftime("%F %T"),
+              "runtime": runtime or {}}
     (out / RUN_JSON).write_text(json.dumps(record, indent=1))
 
 
