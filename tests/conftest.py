@@ -143,8 +143,12 @@ def tiny_run_config(synth: Path, tmp_path: Path, name: str = "run", **train) -> 
 @pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory, synth_dir) -> tuple[Path, Path]:
     """(config, run folder) of a 6-step ZeRO-3 run of the tiny SigLIP + Qwen2 model on 2 ranks,
-    each reading through 2 DataLoader workers."""
+    each reading through 2 DataLoader workers, started the way a cluster script does: the
+    `deepspeed` launcher itself, no `tfx train --nproc` parent. Its master port is in
+    `master_port` beside the run folder."""
     import yaml
+
+    from tfx.train.dist import free_port
 
     tmp = tmp_path_factory.mktemp("mp")
     run = tmp / "run"
@@ -152,6 +156,11 @@ def two_rank_run(tmp_path_factory, synth_dir) -> tuple[Path, Path]:
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, run))
     raw["data"]["num_workers"] = 2
     cfg.write_text(yaml.safe_dump(raw))
-    result = run_tfx("train", str(cfg), "--nproc", "2", timeout=300)
+    port = free_port()
+    (tmp / "master_port").write_text(str(port))
+    result = subprocess.run(
+        ["timeout", "-k", "10", "300", sys.executable, "-m", "deepspeed.launcher.runner",
+         "--num_gpus", "2", "--master_port", str(port), "--module", "tfx.train", str(cfg)],
+        capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cfg, run

@@ -215,6 +215,10 @@ def launch_ranks(args, stages) -> int:
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, forward)
     code = proc.wait()
+    from tfx.train.dist import shm_segments
+
+    for seg in shm_segments(port):  # a rank killed before it could release its own
+        seg.unlink(missing_ok=True)
     if code != 0:
         what = {75: "preempted", 130: "interrupted"}.get(code, f"stopped (exit {code})")
         if got.count(signal.SIGINT) >= 2:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -108,6 +109,33 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> None:
     dist.broadcast(moved, src)
     if moved is not tensor:
         tensor.copy_(moved)
+
+
+SHM_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's CPU comm op: one segment per rank
+
+
+def shm_segments(port: int | str) -> list[Path]:
+    """The /dev/shm segments DeepSpeed's CPU all-reduce made for the run on `port`."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return []
+    return sorted(shm.glob(f"{SHM_PREFIX}_{os.getuid()}_*_{port}_*"))
+
+
+def release_shm_segment() -> None:
+    """Unlink this rank's all-reduce segment once every rank has mapped every peer's.
+
+    DeepSpeed creates a 66 MB /dev/shm segment per rank in `init_distributed` and never
+    unlinks it, so every CPU run (and every killed one) left its RAM behind until a reboot.
+    Mapped segments stay valid after the unlink; the barrier makes sure no peer still has
+    to open ours (a peer waiting for a missing segment would spin forever)."""
+    port = os.environ.get("MASTER_PORT")
+    if port is None or not dist.is_initialized():
+        return
+    dist.barrier()
+    for seg in shm_segments(port):
+        if seg.name.endswith(f"_{rank()}"):
+            seg.unlink(missing_ok=True)
 
 
 def barrier() -> None:

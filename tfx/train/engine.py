@@ -88,6 +88,9 @@ def init_distributed(timeout_s: int) -> None:
 
     announce_cpu_comm_op()
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    from tfx.train.dist import release_shm_segment
+
+    release_shm_segment()
 
 
 CPU_COMM_OP = "deepspeed_shm_comm"
