@@ -75,12 +75,15 @@ def test_export_parity_fresh_process_siglip_qwen2(two_rank_run, tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes  # not 0600 alone
     parity(run, out, tmp_path)
-    # `import tfx` (before transformers) registers the classes: no trust_remote_code needed
-    code = ("import tfx, sys\nfrom transformers import AutoModelForImageTextToText as A\n"
-            "print(type(A.from_pretrained(sys.argv[1])).__module__)")
+    # with tfx installed, its registration replaces trust_remote_code
+    code = ("import sys, tfx\ntfx.register_auto_classes()\n"
+            "from transformers import AutoModelForImageTextToText as A, AutoProcessor as P\n"
+            "print(type(A.from_pretrained(sys.argv[1])).__module__)\n"
+            "print(type(P.from_pretrained(sys.argv[1])).__module__)")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
                           timeout=120)
-    assert proc.stdout.strip() == "tfx.model.modeling_tokenflex", proc.stderr[-2000:]
+    assert proc.stdout.split() == ["tfx.model.modeling_tokenflex",
+                                   "tfx.model.processing_tokenflex"], proc.stderr[-2000:]
 
 
 def test_processor_matches_training_tokenisation(two_rank_run, tmp_path):
@@ -92,9 +95,15 @@ def test_processor_matches_training_tokenisation(two_rank_run, tmp_path):
     processor = processor_for(cfg, tok)
     sample = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))[0]
     question = sample.meta["conversations"][0]["value"].replace("<image>\n", "")
+    from PIL import Image
+
+    image = Image.fromarray(sample.pixels.permute(1, 2, 0).numpy())
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": question}]}]
     for n in (1, 16, 49):
         row = collate([sample], n, tok)["input_ids"][0].tolist()
-        prompt = processor.prompt_ids(question, n)
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True,
+                                               tokenize=True, num_visual_tokens=n)[0].tolist()
         assert row[:len(prompt)] == prompt  # the answer follows in training
     # the saved tokenizer, loaded by plain transformers, gives the same ids
     processor.save_pretrained(tmp_path)
@@ -202,15 +211,18 @@ def test_batched_generate_equals_one_by_one(two_rank_run):
     from PIL import Image
 
     images = [Image.fromarray(s.pixels.permute(1, 2, 0).numpy()) for s in samples[:3]]
-    prompts = ["What color is the marked cell?", "Which color has the most cells?",
-               "Which color has the most cells? Answer with one word."]  # uneven: left padding
+    questions = ["What color is the marked cell?", "Which color has the most cells?",
+                 "Which color has the most cells? Answer with one word."]  # uneven: left pad
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True)
+        for q in questions]
     with torch.no_grad():
-        batch = processor(prompts, images, num_visual_tokens=16)
+        batch = processor(images=images, text=prompts, num_visual_tokens=16)
         assert batch["input_ids"].shape[0] == 3 and (batch["attention_mask"] == 0).any()
         steps = {"min_new_tokens": 4, "max_new_tokens": 4, "do_sample": False}  # no early EOS
         together = hf.generate(**batch, **steps)
         together = together[:, batch["input_ids"].shape[1]:].tolist()
         for i in range(3):
-            one = processor(prompts[i], images[i], num_visual_tokens=16)
+            one = processor(images=[images[i]], text=prompts[i], num_visual_tokens=16)
             alone = hf.generate(**one, **steps)
             assert alone[0, one["input_ids"].shape[1]:].tolist() == together[i]

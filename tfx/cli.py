@@ -404,6 +404,8 @@ def cmd_convert(argv: list[str]) -> None:
                    help="model config to use instead of the one saved with the checkpoint")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--check", action="store_true",
+                   help="then prove the export: bitwise weights, next-token KL at each N")
     args = p.parse_args(argv)
 
     def go():
@@ -412,6 +414,14 @@ def cmd_convert(argv: list[str]) -> None:
 
         print(convert(args.checkpoint, args.out, dtype=args.dtype, config=args.config,
                       max_shard_size=args.max_shard_size, force=args.force))
+        if args.check:
+            from tfx.export.check import ExportMismatch, run_check
+
+            report, ok = run_check(args.checkpoint, args.out)
+            print(report)
+            if not ok:
+                raise ExportMismatch(f"{args.out} does not reproduce {args.checkpoint} (table "
+                                     f"above)")
 
     _run(go)
 

@@ -257,7 +257,9 @@ def check_data_paths(cfg: RunConfig) -> None:
     tok = Path(cfg.data.tokenizer)
     if not tok.exists():
         raise ConfigError(f"data.tokenizer: {tok} not found (run `tfx data synth` for the demo)")
-    vision_file = cfg.model.vision.family == "efficientnet"  # a state dict, not a folder
+    from tfx.model.families import vision_family
+
+    vision_file = vision_family(cfg.model.vision.family).weights == "file"  # a state dict
     for key, p, want_file in (("model.vision.path", cfg.model.vision.path, vision_file),
                               ("model.llm.path", cfg.model.llm.path, False)):
         if p is not None and not (Path(p).is_file() if want_file else Path(p).is_dir()):

@@ -20,7 +20,7 @@ PRESETS = {"align": ("projector",), "enhance": ("vision", "projector", "llm"),
 
 @dataclass(frozen=True, kw_only=True)
 class VisionConfig:
-    family: Literal["siglip", "clip", "efficientnet"] = "siglip"  # efficientnet: Lite0, stride 32
+    family: str = "siglip"  # a key of tfx.model.families.VISION: siglip, clip, efficientnet
     path: str | None = None  # local HF folder (efficientnet: a .pth); None builds from sizes
     image_size: int = 224  # pixels (square)
     patch_size: int = 16  # pixels
@@ -38,7 +38,7 @@ class VisionConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LLMConfig:
-    family: Literal["qwen2", "llama"] = "qwen2"
+    family: str = "qwen2"  # a key of tfx.model.families.LLM: qwen2, llama
     path: str | None = None  # local HF folder; None builds from the sizes below
     hidden_size: int = 512
     num_layers: int = 4
@@ -188,9 +188,13 @@ class RunConfig:
 
 
 def _validate_model(m: ModelConfig) -> None:
-    if m.vision.family == "efficientnet" and m.vision.patch_size != 32:
-        raise ConfigError("model.vision.patch_size: efficientnet's feature map has stride 32; "
-                          "set patch_size: 32")
+    from tfx.model.families import llm_family, vision_family
+
+    tower = vision_family(m.vision.family)
+    llm_family(m.llm.family)
+    if tower.patch_size and m.vision.patch_size != tower.patch_size:
+        raise ConfigError(f"model.vision.patch_size: {tower.name}'s grid has stride "
+                          f"{tower.patch_size}; set patch_size: {tower.patch_size}")
     if m.projector.kernel == "triton" and m.projector.pool != "adaptive":
         raise ConfigError(f"model.projector.kernel: the Triton kernel pools with adaptive bins "
                           f"only, not pool: {m.projector.pool}; set kernel: torch (or auto), "

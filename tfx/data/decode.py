@@ -17,14 +17,9 @@ import torch
 from PIL import Image
 
 from tfx.errors import DataError
+from tfx.model.families import vision_family
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# Per-family pixel normalisation (SigLIP: 0.5/0.5; CLIP: OpenAI's statistics).
-PIXEL_STATS = {
-    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "efficientnet": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the Lite models take [-1, 1]
-}
 
 
 class SkipCounter:
@@ -102,5 +97,6 @@ def image_to_uint8(image: Image.Image | None, size: int) -> torch.Tensor:
 
 def normalise(pixels_BCHW: torch.Tensor, family: str) -> torch.Tensor:
     """uint8 -> the tower's float input: /255, then per-channel mean/std of the family."""
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in PIXEL_STATS[family])
+    spec = vision_family(family)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.pixel_mean, spec.pixel_std))
     return (pixels_BCHW.float() / 255.0 - mean) / std

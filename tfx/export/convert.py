@@ -10,6 +10,7 @@ and renamed into place at the end, so a failure leaves OUT as it was.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,19 +18,22 @@ from pathlib import Path
 import torch
 
 from tfx.config.schema import RunConfig
-from tfx.data.decode import PIXEL_STATS
 from tfx.data.tokenizer import ASSISTANT_TAG, USER_TAG, SentencePieceChat
 from tfx.errors import CheckpointError, ConfigError
+from tfx.export.card import write_card
 from tfx.model import export_names
 from tfx.model.configuration_tokenflex import TokenFlexConfig
+from tfx.model.families import vision_family
 from tfx.model.modeling_tokenflex import TokenFlexForConditionalGeneration
-from tfx.model.processing_tokenflex import TokenFlexProcessor
+from tfx.model.processing_tokenflex import TokenFlexImageProcessor, TokenFlexProcessor
 from tfx.model.vlm import TokenFlexVLM
 from tfx.train.load import load_model
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
 REMOTE_CODE = ("configuration_tokenflex.py", "modeling_tokenflex.py", "projector.py",
                "processing_tokenflex.py")
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_tokenflex.TokenFlexProcessor",
+                      "AutoImageProcessor": "processing_tokenflex.TokenFlexImageProcessor"}
 AUTO_MAP = {"AutoConfig": "configuration_tokenflex.TokenFlexConfig",
             "AutoModelForImageTextToText": "modeling_tokenflex.TokenFlexForConditionalGeneration",
             "AutoModelForCausalLM": "modeling_tokenflex.TokenFlexForConditionalGeneration"}
@@ -41,15 +45,23 @@ SP_CHAT_TEMPLATE = (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def vision_config(model: TokenFlexVLM, cfg: RunConfig) -> dict:
+    """The exported tower's config: the HF config of a transformers tower, else the family's
+    own (`TokenFlexEfficientNetConfig`)."""
+    family = vision_family(cfg.model.vision.family)
+    hf = model.vision.hf_config()
+    if hf is not None:
+        return hf
+    return {"model_type": family.export_model_type, "image_size": cfg.model.vision.image_size,
+            "patch_size": family.patch_size, "hidden_size": family.width}
+
+
 def hf_config(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexConfig:
-    if cfg.model.vision.family not in ("siglip", "clip"):
-        raise ConfigError(f"tfx convert: the HF export supports SigLIP and CLIP towers, not "
-                          f"{cfg.model.vision.family!r} (its encoder has no transformers class)")
     text = model.llm.config.to_dict()
     text["use_cache"] = True  # training turns the KV cache off; generation wants it
     side = cfg.model.vision.grid_side
     return TokenFlexConfig(
-        vision_config=model.vision.encoder.config.to_dict(), text_config=text,
+        vision_config=vision_config(model, cfg), text_config=text,
         pool=cfg.model.projector.pool, projector_hidden_size=model.projector.hidden,
         num_visual_tokens=cfg.model.default_visual_tokens, min_visual_tokens=1,
         max_visual_tokens=side * side, image_token_id=tok.image_id,
@@ -87,24 +99,26 @@ def hf_tokenizer(cfg: RunConfig, tok):
     return SentencePieceBackend(
         vocab_file=str(vocab), bos_token=piece(tok.bos_id),
         eos_token=piece(tok.eos_id), unk_token=piece(tok.sp.unk_id()),
+        # only the chat tags are special: the image tags stay SentencePiece pieces, tokenised
+        # in the text as in training (a special token would drop the piece before it)
         pad_token=piece(tok.pad_id), extra_special_tokens=[USER_TAG, ASSISTANT_TAG],
         chat_template=SP_CHAT_TEMPLATE)
 
 
 def processor_for(cfg: RunConfig, tok) -> TokenFlexProcessor:
-    mean, std = PIXEL_STATS[cfg.model.vision.family]
-    return TokenFlexProcessor(
-        hf_tokenizer(cfg, tok), image_size=cfg.model.vision.image_size, image_mean=list(mean),
-        image_std=list(std), image_token_id=tok.image_id, image_start_id=tok.img_start_id,
-        image_context_id=tok.img_ctx_id, image_end_id=tok.img_end_id,
-        num_visual_tokens=cfg.model.default_visual_tokens)
+    family = vision_family(cfg.model.vision.family)
+    images = TokenFlexImageProcessor(image_size=cfg.model.vision.image_size,
+                                     image_mean=list(family.pixel_mean),
+                                     image_std=list(family.pixel_std))
+    return TokenFlexProcessor(images, hf_tokenizer(cfg, tok),
+                              num_visual_tokens=cfg.model.default_visual_tokens)
 
 
 def write_folder(hf: TokenFlexForConditionalGeneration, processor: TokenFlexProcessor,
                  folder: Path, dtype: str, max_shard_size: str) -> None:
     hf.config.auto_map = dict(AUTO_MAP)
     hf.to(DTYPES[dtype]).save_pretrained(str(folder), max_shard_size=max_shard_size)
-    processor.save_pretrained(folder)
+    save_processor(processor, folder)
     for name in REMOTE_CODE:
         shutil.copy2(MODEL_DIR / name, folder / name)
     umask = os.umask(0)
@@ -112,6 +126,25 @@ def write_folder(hf: TokenFlexForConditionalGeneration, processor: TokenFlexProc
     for p in folder.iterdir():  # safetensors writes 0600; give every file the same mode
         if p.is_file():
             p.chmod(0o666 & ~umask)
+
+
+def save_processor(processor: TokenFlexProcessor, folder: Path) -> None:
+    """processor_config.json and preprocessor_config.json, each with the auto_map that lets
+    AutoProcessor / AutoImageProcessor load the folder's own classes (trust_remote_code)."""
+    processor.save_pretrained(str(folder))
+    for name, auto in (("processor_config.json", PROCESSOR_AUTO_MAP),
+                       ("preprocessor_config.json", PROCESSOR_AUTO_MAP)):
+        path = folder / name
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        if name == "preprocessor_config.json" and not record:
+            record = processor.image_processor.to_dict()
+        record["auto_map"] = {**record.get("auto_map", {}), **auto}
+        record.setdefault("processor_class", "TokenFlexProcessor")
+        if isinstance(record.get("image_processor"), dict):  # 5.2x nests it here and reads it
+            record["image_processor"]["auto_map"] = dict(auto)
+        if name == "preprocessor_config.json":
+            record["image_processor_type"] = "TokenFlexImageProcessor"
+        path.write_text(json.dumps(record, indent=2))
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: str = "fp32", config: str | None = None,
@@ -132,6 +165,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "fp32", config: st
         tmp.mkdir(parents=True)
         write_folder(to_hf(model, cfg, tok), processor_for(cfg, tok), tmp, dtype,
                      max_shard_size)
+        write_card(tmp, cfg, loaded.run_dir, tag, final=out)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

@@ -23,13 +23,12 @@ def load_for_inference(path: str | Path, device: str = "cpu", dtype: str = "fp32
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: use fp32 or bf16")
     if (path / "config.json").is_file():
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        import tfx.model  # noqa: F401  (registers the Auto classes)
-        from tfx.model.processing_tokenflex import TokenFlexProcessor
+        import tfx.model.hf  # noqa: F401  (registers the Auto classes)
 
         model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=DTYPES[dtype])
-        return model.to(device).eval(), TokenFlexProcessor.from_pretrained(path)
+        return model.to(device).eval(), AutoProcessor.from_pretrained(str(path))
     from tfx.export.convert import processor_for, to_hf
     from tfx.train.load import load_model
 
@@ -51,7 +50,10 @@ def answer(model, processor, image, prompt: str, n_visual: int, max_new_tokens: 
         model.config.check_visual_tokens(n_visual)
     except ValueError as e:
         raise ConfigError(f"--visual-tokens: {e}") from None
-    inputs = processor(prompt, image, num_visual_tokens=n_visual)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": prompt}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, num_visual_tokens=n_visual)
     inputs = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0].strip()

@@ -1,20 +1,7 @@
 """Model: vision tower -> token-adaptive projector(N) -> causal LM. Plain nn.Modules, no DeepSpeed.
 
-Importing this package registers the exported model (`model_type: tokenflex`) with the
-transformers Auto classes, so `AutoModelForImageTextToText.from_pretrained(folder)` works
-without `trust_remote_code`.
+`families.py` is the registry of towers and LLMs; `vision`, `projector`, `llm`, `vlm` the
+training model; `configuration_tokenflex`, `modeling_tokenflex`, `processing_tokenflex` (and
+`projector`) the exported model's code, copied into every export; `hf.py` registers those with
+transformers' Auto classes.
 """
-
-
-def register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from tfx.model.configuration_tokenflex import TokenFlexConfig
-    from tfx.model.modeling_tokenflex import TokenFlexForConditionalGeneration
-
-    AutoConfig.register(TokenFlexConfig.model_type, TokenFlexConfig, exist_ok=True)
-    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
-        auto.register(TokenFlexConfig, TokenFlexForConditionalGeneration, exist_ok=True)
-
-
-register_auto_classes()

@@ -15,6 +15,17 @@ from transformers import AutoConfig, PreTrainedConfig
 DEFAULT_TYPES = {"vision_config": "siglip_vision_model", "text_config": "qwen2"}
 
 
+class TokenFlexEfficientNetConfig(PreTrainedConfig):
+    """The config of an EfficientNet-Lite tower (built by `efficientnet_lite_pytorch`, which
+    transformers has no class for): its last feature map is the grid."""
+
+    model_type = "tokenflex_efficientnet"
+    variant: str = "efficientnet-lite0"
+    image_size: int = 224
+    patch_size: int = 32  # the output stride
+    hidden_size: int = 1280  # channels of the last feature map
+
+
 class TokenFlexConfig(PreTrainedConfig):
     model_type = "tokenflex"
     # a plain dict, converted in __post_init__: the form transformers 5.x accepts in every
@@ -41,8 +52,10 @@ class TokenFlexConfig(PreTrainedConfig):
                 value = {"model_type": default}
             if isinstance(value, dict):
                 value = dict(value)
-                setattr(self, key, AutoConfig.for_model(value.pop("model_type", default),
-                                                        **value))
+                kind = value.pop("model_type", default)
+                setattr(self, key, TokenFlexEfficientNetConfig(**value)
+                        if kind == TokenFlexEfficientNetConfig.model_type
+                        else AutoConfig.for_model(kind, **value))
         super().__post_init__(**kwargs)
         side = self.vision_config.image_size // self.vision_config.patch_size
         if not self.max_visual_tokens:
@@ -66,4 +79,4 @@ class TokenFlexConfig(PreTrainedConfig):
         return n
 
 
-__all__ = ["TokenFlexConfig"]
+__all__ = ["TokenFlexConfig", "TokenFlexEfficientNetConfig"]

@@ -35,10 +35,9 @@ def build_llm(cfg: LLMConfig, vocab_size: int, attn_implementation: str,
               hf_config: dict | None = None) -> nn.Module:
     """`hf_config`: build that HF config's structure with fresh weights (a checkpoint's weights
     follow), instead of loading `cfg.path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from tfx.model.families import llm_family
 
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                             "llama": (LlamaConfig, LlamaForCausalLM)}[cfg.family]
+    config_cls, model_cls = llm_family(cfg.family).load()
     vocab_size = max(vocab_size, cfg.vocab_size or 0)
     if hf_config is not None:
         hf = config_cls.from_dict({**hf_config,

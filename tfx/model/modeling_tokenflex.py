@@ -1,12 +1,15 @@
 """Hugging Face model of an exported TokenFLEX VLM: vision tower -> projector(N) -> causal LM.
 
 Self-contained (torch + transformers, plus `projector.py` and `configuration_tokenflex.py` beside
-it): `tfx convert` copies these files into the exported folder for `trust_remote_code`, and
-`import tfx` registers the classes with the Auto classes. The training model
+it; an EfficientNet tower also needs the PyPI package `efficientnet-lite-pytorch`): `tfx
+convert` copies these files into the exported folder for `trust_remote_code`, and
+`tfx.register_auto_classes()` registers the classes with the Auto classes. The training model
 (`tfx.model.vlm.TokenFlexVLM`) uses `splice_visual` from here, so both write visual tokens the
 same way. N is read from the prompt: the processor writes N `<IMG_CONTEXT>` ids per image, and
-`num_visual_tokens=N` (in `forward` or `generate`) is checked against them.
-Shape legend: B batch, T sequence, N visual tokens, D LLM width.
+`num_visual_tokens=N` (in `forward` or `generate`) is checked against them. Attention runs
+through transformers' attention registry in both sub-models (`attn_implementation=` picks any
+registered function), which the Transformers serving backends of vLLM and SGLang rely on.
+Shape legend: B batch, I images, T sequence, N visual tokens, D LLM width.
 """
 
 from __future__ import annotations
@@ -19,18 +22,40 @@ from .configuration_tokenflex import TokenFlexConfig
 from .projector import TokenAdaptiveProjector
 
 
-def splice_visual(embeds_BTD: torch.Tensor, input_ids_BT: torch.Tensor, visual_BND: torch.Tensor,
+def splice_visual(embeds_BTD: torch.Tensor, input_ids_BT: torch.Tensor, visual_IND: torch.Tensor,
                   context_id: int) -> torch.Tensor:
-    """Write each image row's N visual embeddings at its N context placeholders, in order."""
+    """Write the N visual embeddings of each image, in order (row by row, left to right), at
+    the context placeholders."""
     slots_BT = input_ids_BT == context_id
-    rows_with_image = slots_BT.any(dim=1)
-    found, n_visual = int(slots_BT.sum()), visual_BND.shape[1]
-    expected = int(rows_with_image.sum()) * n_visual
-    if found != expected:
-        raise ValueError(f"{found} image placeholders for N={n_visual} x "
-                         f"{int(rows_with_image.sum())} images")
+    images, n_visual = visual_IND.shape[:2]
+    found = int(slots_BT.sum())
+    if found != images * n_visual:
+        raise ValueError(f"{found} image placeholders for {images} images of N={n_visual}")
     return embeds_BTD.masked_scatter(slots_BT[..., None],
-                                     visual_BND[rows_with_image].to(embeds_BTD.dtype))
+                                     visual_IND.reshape(-1, visual_IND.shape[-1])
+                                     .to(embeds_BTD.dtype))
+
+
+class EfficientNetTower(nn.Module):
+    """EfficientNet-Lite's last feature map as a (B, H*W, C) grid."""
+
+    def __init__(self, config):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.config = config
+        self.net = EfficientNet.from_name(config.variant)
+        self.net._fc = nn.Identity()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        return self.net.extract_features(x).flatten(2).transpose(1, 2)
+
+
+def build_vision_tower(config) -> nn.Module:
+    if config.model_type == "tokenflex_efficientnet":
+        return EfficientNetTower(config)
+    return AutoModel.from_config(config)
 
 
 class TokenFlexPreTrainedModel(PreTrainedModel):
@@ -41,6 +66,8 @@ class TokenFlexPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True  # attention goes through ALL_ATTENTION_FUNCTIONS
     _skip_keys_device_placement = ["past_key_values"]
 
     def _init_weights(self, module):
@@ -51,7 +78,7 @@ class TokenFlexPreTrainedModel(PreTrainedModel):
 class TokenFlexForConditionalGeneration(TokenFlexPreTrainedModel, GenerationMixin):
     def __init__(self, config: TokenFlexConfig):
         super().__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.vision_tower = build_vision_tower(config.vision_config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.projector = TokenAdaptiveProjector(
             config.vision_config.hidden_size, config.text_config.hidden_size,
@@ -68,15 +95,19 @@ class TokenFlexForConditionalGeneration(TokenFlexPreTrainedModel, GenerationMixi
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 
+    def vision_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(I, 3, S, S) -> the tower's (I, H*W, C) patch grid."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        out = self.vision_tower(pixel_values=pixel_values.to(dtype))
+        hidden = out if torch.is_tensor(out) else out.last_hidden_state
+        return hidden[:, 1:] if self.drop_cls else hidden
+
     def get_image_features(self, pixel_values: torch.Tensor, num_visual_tokens: int
                            ) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, D) visual embeddings for the LLM."""
+        """(I, 3, S, S) -> (I, N, D) visual embeddings for the LLM."""
         n = self.config.check_visual_tokens(num_visual_tokens)
-        dtype = self.vision_tower.get_input_embeddings().weight.dtype
-        hidden = self.vision_tower(pixel_values=pixel_values.to(dtype)).last_hidden_state
-        grid_BTC = hidden[:, 1:] if self.drop_cls else hidden
         side = self.config.grid_side
-        return self.projector(grid_BTC, (side, side), n)
+        return self.projector(self.vision_grid(pixel_values), (side, side), n)
 
     def forward(self, input_ids: torch.LongTensor | None = None,
                 pixel_values: torch.Tensor | None = None,
@@ -85,20 +116,19 @@ class TokenFlexForConditionalGeneration(TokenFlexPreTrainedModel, GenerationMixi
                 past_key_values=None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 num_visual_tokens: int | None = None, **kwargs):
+        kwargs.pop("mm_token_type_ids", None)  # the serving backends' marks; N says it all
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            if pixel_values is not None:
-                per_row = (input_ids == self.config.image_context_id).sum(dim=1)
-                n_visual = int(per_row.max())
+            slots = input_ids == self.config.image_context_id
+            if pixel_values is not None and bool(slots.any()):  # not in later decoding steps
+                images = pixel_values.shape[0]
+                n_visual = int(slots.sum()) // max(images, 1)
                 if num_visual_tokens is not None and n_visual != num_visual_tokens:
                     raise ValueError(f"num_visual_tokens={num_visual_tokens}, but the prompt has "
                                      f"{n_visual} image placeholders per image: build it with "
                                      f"the processor at the same N")
-                rows = per_row > 0
-                visual_BND = self.get_image_features(pixel_values[rows], n_visual)
-                full_BND = visual_BND.new_zeros(len(rows), *visual_BND.shape[1:])
-                full_BND[rows] = visual_BND
-                inputs_embeds = splice_visual(inputs_embeds, input_ids, full_BND,
+                visual_IND = self.get_image_features(pixel_values, n_visual)
+                inputs_embeds = splice_visual(inputs_embeds, input_ids, visual_IND,
                                               self.config.image_context_id)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,

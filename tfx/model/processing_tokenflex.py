@@ -1,95 +1,202 @@
-"""Processor of an exported TokenFLEX model: prompts + images -> model inputs at a chosen N.
+"""Processor of an exported TokenFLEX model: chat messages or prompts + images -> inputs at N.
 
-Self-contained (torch, numpy, PIL, transformers); `tfx convert` copies it into the exported
-folder. Each prompt becomes one user turn of the tokenizer's chat template with `<image>` in
-front; after tokenising, the `<image>` id is replaced by `<img>` + N x `<IMG_CONTEXT>` + `</img>`
-(exactly as in training). Rows are left-padded so a batch can be generated at one N. Images are
-resized (bicubic) to the tower's size and normalised with its mean/std.
-Without tfx installed: `get_class_from_dynamic_module("processing_tokenflex.TokenFlexProcessor",
-FOLDER).from_pretrained(FOLDER, trust_remote_code=True)`.
+Self-contained (torch, numpy, PIL, transformers): `tfx convert` copies it into the exported
+folder and saves both classes with `auto_map`s (processor_config.json, preprocessor_config.json),
+so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` and
+`pipeline("image-text-to-text", model=folder, trust_remote_code=True)` load them.
+- `TokenFlexImageProcessor`: resize (bicubic) to the tower's square size, scale to [0, 1],
+  normalise with the tower's mean/std -> `pixel_values` (images, 3, S, S).
+- `TokenFlexProcessor.__call__(images=, text=, num_visual_tokens=N)`: every `<image>` in a text
+  becomes `<img>` + N x `<IMG_CONTEXT>` + `</img>` (exactly as in training); an image given with
+  a text that has no tag goes in front of it. The text is used as given: `apply_chat_template`
+  renders chat messages (image parts become `<image>`) with the tokenizer's chat template.
+  Rows are left-padded, so a batch generates at one N. `num_visual_tokens` is a processing
+  kwarg (default: the model's), also returned for `generate`, which checks it.
+- The contract of the Transformers serving backends (vLLM, SGLang): `image_token`,
+  `image_token_ids` (start, context, end: the positions an image occupies),
+  `_get_num_multimodal_tokens(image_sizes, num_visual_tokens=N)` -> 2 + N per image, and
+  `mm_token_type_ids` (1 on those positions) with `return_mm_token_type_ids=True`.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 from PIL import Image
+from transformers import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ProcessorMixin
 
-CONFIG_NAME = "processor_config.json"
-IMAGE_TAG = "<image>"
+IMAGE_TAG, IMG_START, IMG_CONTEXT, IMG_END = "<image>", "<img>", "<IMG_CONTEXT>", "</img>"
 
 
-class TokenFlexProcessor:
-    def __init__(self, tokenizer, *, image_size: int, image_mean: list[float],
-                 image_std: list[float], image_token_id: int, image_start_id: int,
-                 image_context_id: int, image_end_id: int, num_visual_tokens: int):
-        self.tokenizer = tokenizer
-        self.image_size, self.image_mean, self.image_std = image_size, image_mean, image_std
-        self.ids = {"image": image_token_id, "start": image_start_id,
-                    "context": image_context_id, "end": image_end_id}
-        self.num_visual_tokens = num_visual_tokens
+class TokenFlexImageProcessor(BaseImageProcessor):
+    model_input_names = ["pixel_values"]
 
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, **tokenizer_kwargs) -> "TokenFlexProcessor":
-        from transformers import AutoTokenizer
+    def __init__(self, image_size: int = 224, image_mean=(0.5, 0.5, 0.5),
+                 image_std=(0.5, 0.5, 0.5), **kwargs):
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.image_mean, self.image_std = list(image_mean), list(image_std)
 
-        cfg = json.loads((Path(folder) / CONFIG_NAME).read_text())
-        cfg.pop("processor_class", None)
-        return cls(AutoTokenizer.from_pretrained(str(folder), **tokenizer_kwargs), **cfg)
-
-    def to_dict(self) -> dict:
-        return {"processor_class": "TokenFlexProcessor", "image_size": self.image_size,
-                "image_mean": self.image_mean, "image_std": self.image_std,
-                "image_token_id": self.ids["image"], "image_start_id": self.ids["start"],
-                "image_context_id": self.ids["context"], "image_end_id": self.ids["end"],
-                "num_visual_tokens": self.num_visual_tokens}
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        self.tokenizer.save_pretrained(str(folder))
-        (Path(folder) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2))
-
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+    def preprocess(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        mean, std = np.float32(self.image_mean), np.float32(self.image_std)
         out = []
         for image in images:
+            if not isinstance(image, Image.Image):
+                image = Image.fromarray(np.asarray(image))
             image = image.convert("RGB").resize((self.image_size, self.image_size),
                                                 Image.BICUBIC)
-            arr = (np.asarray(image, dtype=np.float32) / 255.0 - np.float32(self.image_mean)) \
-                / np.float32(self.image_std)
+            arr = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
             out.append(torch.from_numpy(arr).permute(2, 0, 1))
-        return torch.stack(out).contiguous()
+        pixels = torch.stack(out).contiguous() if out else torch.zeros(0, 3, self.image_size,
+                                                                       self.image_size)
+        return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
 
-    def prompt_ids(self, prompt: str, num_visual_tokens: int) -> list[int]:
-        messages = [{"role": "user", "content": f"{IMAGE_TAG}\n{prompt}"}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+
+class TokenFlexProcessor(ProcessorMixin):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
+                 num_visual_tokens: int = 64, **kwargs):
+        self.num_visual_tokens = num_visual_tokens
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.image_token = IMG_CONTEXT
+        convert = tokenizer.convert_tokens_to_ids
+        self.image_tag_id, self.image_token_id = convert(IMAGE_TAG), convert(IMG_CONTEXT)
+        self.image_start_id, self.image_end_id = convert(IMG_START), convert(IMG_END)
+        self._image_token_ids = [self.image_start_id, self.image_token_id, self.image_end_id]
+
+    @property
+    def image_token_ids(self) -> list[int]:
+        return [self.image_start_id, self.image_token_id, self.image_end_id]
+
+    @image_token_ids.setter
+    def image_token_ids(self, value) -> None:  # the base class may assign it
+        pass
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    def image_block(self, n_visual: int) -> list[int]:
+        return [self.image_start_id] + [self.image_token_id] * n_visual + [self.image_end_id]
+
+    def row_ids(self, text: str, images: int, n_visual: int) -> list[int]:
+        """A text's ids with each `<image>` expanded to its block (one image: tag added)."""
+        if images and IMAGE_TAG not in text:
+            text = IMAGE_TAG * images + "\n" + text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        at = ids.index(self.ids["image"])
-        block = [self.ids["start"]] + [self.ids["context"]] * num_visual_tokens + [self.ids["end"]]
-        return ids[:at] + block + ids[at + 1:]
+        out = []
+        for i in ids:
+            out += self.image_block(n_visual) if i == self.image_tag_id else [i]
+        return out
 
-    def __call__(self, prompts: str | list[str], images, num_visual_tokens: int | None = None
-                 ) -> dict:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        images = [images] if isinstance(images, Image.Image) else list(images)
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} images: one image each")
-        n_visual = num_visual_tokens or self.num_visual_tokens
-        rows = [self.prompt_ids(p, n_visual) for p in prompts]
+    def __call__(self, images=None, text=None, num_visual_tokens: int | None = None,
+                 return_tensors="pt", return_mm_token_type_ids: bool = False, **kwargs
+                 ) -> BatchFeature:
+        if isinstance(images, str) or (isinstance(images, (list, tuple)) and images
+                                       and isinstance(images[0], str)):
+            images, text = text, images  # the older (text, images) order
+        if text is None:
+            raise ValueError("TokenFlexProcessor needs text (use apply_chat_template for chats)")
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [] if images is None else [images] if isinstance(images, Image.Image) else \
+            [im for row in images for im in (row if isinstance(row, (list, tuple)) else [row])]
+        n_visual = int(num_visual_tokens or self.num_visual_tokens)
+        tags = [t.count(IMAGE_TAG) for t in texts]
+        if sum(tags) == 0 and images:  # one image per text, LLaVA-style
+            if len(images) != len(texts):
+                raise ValueError(f"{len(texts)} texts without {IMAGE_TAG} tags but "
+                                 f"{len(images)} images: tag them, or give one per text")
+            tags = [1] * len(texts)
+        if sum(tags) != len(images):
+            raise ValueError(f"{sum(tags)} {IMAGE_TAG} tags but {len(images)} images")
+        rows = [self.row_ids(t, k if IMAGE_TAG not in t else 0, n_visual)
+                for t, k in zip(texts, tags)]
         T = max(map(len, rows))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.long)
         for b, ids in enumerate(rows):  # left padding: generation continues at the right end
-            input_ids[b, T - len(ids):] = torch.tensor(ids)
+            input_ids[b, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
             mask[b, T - len(ids):] = 1
-        return {"input_ids": input_ids, "attention_mask": mask,
-                "pixel_values": self.preprocess(images), "num_visual_tokens": n_visual}
+        data = {"input_ids": input_ids, "attention_mask": mask, "num_visual_tokens": n_visual}
+        if images:
+            data["pixel_values"] = self.image_processor(images)["pixel_values"]
+        if return_mm_token_type_ids:
+            data["mm_token_type_ids"] = torch.tensor(self.create_mm_token_type_ids(input_ids))
+        return BatchFeature(data, tensor_type=None)
+
+    def create_mm_token_type_ids(self, input_ids) -> list[list[int]]:
+        marks = set(self.image_token_ids)
+        return [[int(i in marks) for i in (row.tolist() if hasattr(row, "tolist") else row)]
+                for row in input_ids]
+
+    def apply_chat_template(self, conversation, chat_template=None, add_generation_prompt=False,
+                            continue_final_message=False, tokenize=False, return_dict=False,
+                            return_tensors=None, processor_kwargs=None, **kwargs):
+        """Chat messages (content a string, or parts {"type": "text"|"image"}) -> the text of
+        the tokenizer's chat template with image parts as `<image>`; with `tokenize=True` the
+        model inputs (`return_dict=True`: all of them, else the input ids)."""
+        from transformers.image_utils import load_image
+
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        texts, images = [], []
+        for conv in (conversation if batched else [conversation]):
+            flat = []
+            for m in conv:
+                content = m["content"]
+                if not isinstance(content, str):
+                    parts = []
+                    for part in content:
+                        if part.get("type") == "image":
+                            source = next((part[k] for k in ("image", "url", "path")
+                                           if k in part), None)
+                            if source is not None:  # a bare {"type": "image"} only renders
+                                images.append(source if isinstance(source, Image.Image)
+                                              else load_image(source))
+                            parts.append(IMAGE_TAG + "\n")
+                        elif part.get("type") == "text":
+                            parts.append(part["text"])
+                    content = "".join(parts)
+                flat.append({"role": m["role"], "content": content})
+            texts.append(self.tokenizer.apply_chat_template(
+                flat, chat_template=chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message))
+        if not tokenize:
+            return texts if batched else texts[0]
+        call = {k: v for k, v in kwargs.items() if k in ("num_visual_tokens",
+                                                         "return_mm_token_type_ids")}
+        out = self(images=images or None, text=texts, **call, **(processor_kwargs or {}))
+        return out if return_dict else out["input_ids"]
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        """Placeholder positions per image: `<img>` + N x `<IMG_CONTEXT>` + `</img>`, whatever
+        the image's size (it is resized to the tower's square)."""
+        from transformers.processing_utils import MultiModalData
+
+        n_visual = int(kwargs.get("num_visual_tokens") or kwargs.get("images_kwargs", {}).get(
+            "num_visual_tokens") or self.num_visual_tokens)
+        sizes = image_sizes or []
+        return MultiModalData(num_image_tokens=[n_visual + 2] * len(sizes),
+                              num_image_patches=[1] * len(sizes))
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True,
+                                        **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(generated_outputs,
+                                           skip_special_tokens=skip_special_tokens, **kwargs)
 
     def batch_decode(self, ids, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True, **kwargs)
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+    def decode(self, ids, **kwargs) -> str:
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.tokenizer.decode(ids, **kwargs)
 
 
-__all__ = ["TokenFlexProcessor"]
+__all__ = ["TokenFlexImageProcessor", "TokenFlexProcessor"]

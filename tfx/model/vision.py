@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tfx.config.schema import VisionConfig
 from tfx.errors import ConfigError
+from tfx.model.families import vision_family
 
 
 def _hf_classes(family: str):
@@ -107,18 +108,23 @@ def _frozen_bn_stats(module: nn.Module):
 
 
 class VisionTower(nn.Module):
+    """The tower of a family of `tfx.model.families.VISION`: an HF vision model (its last
+    hidden state, a CLS token dropped when the family has one) or a CNN whose last feature map
+    is the grid (`EfficientNetGrid`)."""
+
     def __init__(self, cfg: VisionConfig, attn_implementation: str = "sdpa",
                  hf_config: dict | None = None):
         """`hf_config`: build this HF config's structure with fresh weights (a checkpoint's
         weights follow), instead of loading `cfg.path`."""
         super().__init__()
         self.family = cfg.family
+        self.spec = vision_family(cfg.family)
         self.side = cfg.image_size // cfg.patch_size
-        if cfg.family == "efficientnet":
+        if self.spec.hf_classes is None:  # a CNN: no HF config, its structure is fixed
             self.encoder = EfficientNetGrid(None if hf_config is not None else cfg.path)
-            self.width = 1280
+            self.width = self.spec.width
             return
-        config_cls, model_cls = _hf_classes(cfg.family)
+        config_cls, model_cls = self.spec.load()
         if hf_config is not None:
             hf = config_cls.from_dict(hf_config)
             self.encoder = model_cls._from_config(hf, attn_implementation=attn_implementation)
@@ -135,20 +141,20 @@ class VisionTower(nn.Module):
                             patch_size=cfg.patch_size, num_hidden_layers=cfg.num_layers,
                             num_attention_heads=cfg.num_heads,
                             intermediate_size=cfg.intermediate_size)
-            if cfg.family == "siglip":
-                hf.vision_use_head = False  # the attention-pool head is unused: pooled below
+            if hasattr(hf, "vision_use_head"):
+                hf.vision_use_head = False  # SigLIP's attention-pool head: unused, we pool
             self.encoder = model_cls._from_config(hf, attn_implementation=attn_implementation)
         self.width = self.encoder.config.hidden_size
 
     def gradient_checkpointing_enable(self) -> None:
-        if self.family == "efficientnet":
+        if self.spec.hf_classes is None:
             self.encoder.gradient_checkpointing_enable()
         else:
             self.encoder.gradient_checkpointing_enable({"use_reentrant": False})
 
     def hf_config(self) -> dict | None:
-        """The HF config of the encoder (None for EfficientNet, whose structure is fixed)."""
-        return None if self.family == "efficientnet" else self.encoder.config.to_dict()
+        """The HF config of the encoder (None for a CNN, whose structure is fixed)."""
+        return None if self.spec.hf_classes is None else self.encoder.config.to_dict()
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -159,7 +165,7 @@ class VisionTower(nn.Module):
         return self.width
 
     def forward(self, pixel_values_BCHW: torch.Tensor) -> torch.Tensor:
-        if self.family == "efficientnet":
+        if self.spec.hf_classes is None:
             return self.encoder(pixel_values_BCHW)
         hidden = self.encoder(pixel_values=pixel_values_BCHW).last_hidden_state
-        return hidden[:, 1:] if self.family == "clip" else hidden
+        return hidden[:, 1:] if self.spec.drops_cls else hidden

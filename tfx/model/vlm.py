@@ -63,7 +63,9 @@ class TokenFlexVLM(nn.Module):
         if feats_BTC is None:
             feats_BTC = self.vision(pixel_values.to(embeds_BTD.dtype))
         visual_BND = self.visual_tokens(feats_BTC, n_visual).to(embeds_BTD.dtype)
-        embeds_BTD = splice_visual(embeds_BTD, input_ids_BT, visual_BND, self.image_ids.context)
+        with_image_B = (input_ids_BT == self.image_ids.context).any(dim=1)
+        embeds_BTD = splice_visual(embeds_BTD, input_ids_BT, visual_BND[with_image_B],
+                                   self.image_ids.context)
         # Rows without an image still ran the tower: keep it in the graph with weight 0.
         return embeds_BTD + 0.0 * visual_BND.sum()
 

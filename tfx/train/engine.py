@@ -207,16 +207,25 @@ def _preimport_model_code(cfg: RunConfig) -> None:
     """zero.Init patches tensor constructors; modules imported lazily inside it (torch._dynamo,
     pulled in by transformers' attention integrations) then fail with `TypeError: Signature
     mismatch ... tensor_pynew`. Import them first."""
+    import importlib
+
     import torch._dynamo  # noqa: F401
     import transformers.integrations.hub_kernels  # noqa: F401
 
+    from tfx.model.families import llm_family, vision_family
     from tfx.model.llm import build_llm  # noqa: F401
-    from tfx.model.vision import _hf_classes
+    from tfx.model.vision import VisionTower  # noqa: F401
 
-    if cfg.model.vision.family == "efficientnet":
-        import efficientnet_lite_pytorch  # noqa: F401
-    else:
-        _hf_classes(cfg.model.vision.family)
+    tower = vision_family(cfg.model.vision.family)
+    if tower.package:
+        try:
+            importlib.import_module(tower.package)
+        except ImportError:
+            raise ConfigError(f"model.vision.family={tower.name} needs the package "
+                              f"{tower.package} ({tower.install_hint})") from None
+    if tower.hf_classes:
+        tower.load()
+    llm_family(cfg.model.llm.family).load()
 
 
 TRAINABLE = PRESETS  # train.freeze -> the parts that train (one table, in the schema)

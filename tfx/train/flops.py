@@ -62,10 +62,10 @@ def vision_forward_flops(model) -> float:
     4 x layers x width x tokens^2 (a pooling head that sees one query is left out). A
     convolutional tower: measured by FlopCounterMode on a meta-device copy."""
     tower = model.vision
-    if tower.family == "efficientnet":
+    if tower.spec.hf_classes is None:
         return _measured_conv_tower(model.cfg.vision)
     cfg = tower.encoder.config
-    tokens = (cfg.image_size // cfg.patch_size) ** 2 + (tower.family == "clip")
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 + tower.spec.drops_cls
     weights = sum(_numel(m.weight) for name, m in tower.encoder.named_modules()
                   if isinstance(m, (nn.Linear, nn.Conv2d)) and ".head." not in f".{name}.")
     return 2.0 * weights * tokens + 4.0 * cfg.num_hidden_layers * cfg.hidden_size * tokens ** 2

@@ -41,7 +41,8 @@ from tfx.train.trace import SampleTrace
 log = get_logger(__name__)
 
 
-def write_run_folder(cfg: RunConfig, out: Path, ds_config: dict, tok, model, device) -> None:
+def write_run_folder(cfg: RunConfig, out: Path, ds_config: dict, tok, model, device,
+                     recipe: dict | None = None) -> None:
     """Rank 0, before step 0: resolved configs, run.json, the tokenizer and the towers' HF
     configs (see `tfx.train.runfolder`)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,8 @@ def write_run_folder(cfg: RunConfig, out: Path, ds_config: dict, tok, model, dev
         "projector_kernel": "triton" if model.projector.use_triton(
             torch.empty(0, device=device)) else "torch",
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
-                     "deepspeed": _version("deepspeed"), "triton": _version("triton")}})
+                     "deepspeed": _version("deepspeed"), "triton": _version("triton")}},
+        recipe)
     tok.save(out / "tokenizer")
     (out / "model").mkdir(exist_ok=True)
     for part, hf in model.hf_configs().items():
@@ -155,7 +157,7 @@ class Run:
         return self.out / "checkpoints"
 
 
-def start(cfg: RunConfig, resume: bool, overwrite: bool) -> Run:
+def start(cfg: RunConfig, resume: bool, overwrite: bool, recipe: dict | None = None) -> Run:
     """Every rank: check the run folder, build the model (ZeRO-3 partitioned), load
     `init_from` weights when starting fresh, wrap it in the engine, restore a checkpoint when
     resuming, and write the run folder."""
@@ -188,7 +190,7 @@ def start(cfg: RunConfig, resume: bool, overwrite: bool) -> Run:
               guard=guard, config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False),
               keep_alive=hf_ds_alive)
     if rank() == 0:
-        write_run_folder(cfg, out, ds_config, tok, model, device)
+        write_run_folder(cfg, out, ds_config, tok, model, device, recipe)
     barrier()  # the run folder exists before any rank writes into it
     table = eng.param_table(model)
     (out / f"params_rank{rank()}.json").write_text(json.dumps(
@@ -207,11 +209,12 @@ def start(cfg: RunConfig, resume: bool, overwrite: bool) -> Run:
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-          stop: StopRequest | None = None) -> str:
+          stop: StopRequest | None = None, recipe: dict | None = None) -> str:
     """Run to `max_steps` ("done"), or stop after a signal ("preempted", "interrupted"). The
-    caller owns the process group (several stages share it)."""
+    caller owns the process group (several stages share it). `recipe`: {"stages": [names],
+    "index": i} when this is a stage of one, recorded in run.json."""
     stop = stop or StopRequest()
-    run = start(cfg, resume, overwrite)
+    run = start(cfg, resume, overwrite, recipe)
     metrics = MetricsLogger(run.out, enabled=rank() == 0, resume_step=run.state.step)
     trace = SampleTrace(run.out, rank(), cfg.logging.trace_samples, run.tok.img_ctx_id)
     trace.truncate_after(run.state.step)

@@ -32,11 +32,13 @@ def meta_model(cfg: RunConfig, vocab_size: int) -> TokenFlexVLM:
 
 def llm_vocab(cfg: RunConfig) -> int:
     """The LLM's own vocabulary: from its local folder, else its family's default config."""
-    from transformers import AutoConfig, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig
+
+    from tfx.model.families import llm_family
 
     if cfg.model.llm.path and Path(cfg.model.llm.path).is_dir():
         return AutoConfig.from_pretrained(cfg.model.llm.path).vocab_size
-    return {"qwen2": Qwen2Config, "llama": LlamaConfig}[cfg.model.llm.family]().vocab_size
+    return llm_family(cfg.model.llm.family).load()[0]().vocab_size
 
 
 def count(module: torch.nn.Module) -> int:

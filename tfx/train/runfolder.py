@@ -68,10 +68,13 @@ def clear(out: Path) -> None:
             p.unlink()
 
 
-def write_run_json(out: Path, runtime: dict | None = None) -> None:
-    """`runtime`: what the run resolved at start (device, dtype, attention, world size)."""
+def write_run_json(out: Path, runtime: dict | None = None, recipe: dict | None = None) -> None:
+    """`runtime`: what the run resolved at start (device, dtype, attention, world size);
+    `recipe`: the stages of the recipe this run is one of, and its index."""
     record = {"workdir": os.getcwd(), "argv": sys.argv, "started": time.strftime("%F %T"),
               "runtime": runtime or {}}
+    if recipe:
+        record["recipe"] = recipe
     (out / RUN_JSON).write_text(json.dumps(record, indent=1))
 
 

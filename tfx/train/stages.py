@@ -62,7 +62,8 @@ def run_recipe(stages: list[Stage], *, resume: bool, overwrite: bool, stop) -> s
                      f"{stage.cfg.train.max_steps} steps)"
                      + (f", from {stage.cfg.train.init_from}" if stage.cfg.train.init_from
                         else ""))
-        status = train(stage.cfg, resume=resume, overwrite=overwrite, stop=stop)
+        recipe = {"stages": [s.name for s in stages], "index": i} if stage.name else None
+        status = train(stage.cfg, resume=resume, overwrite=overwrite, stop=stop, recipe=recipe)
         gc.collect()  # the stage's engine and model go before the next one is built
         try:
             import torch
