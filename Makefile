@@ -76,7 +76,8 @@ DEVICE_WHEELS := transformers==5.23.0 tokenizers==0.23.3 huggingface_hub==2.4.0 
 	sentencepiece==0.2.3 PyYAML==6.0.3 tqdm==4.70.1 hjson==3.1.0 msgpack==1.2.4 \
 	py-cpuinfo==9.0.0 psutil==7.2.2 pydantic==2.14.4 pydantic_core==2.50.5 \
 	annotated_types==0.8.0 typing_inspection==0.4.5 einops==0.8.2 ninja==1.13.2 \
-	packaging==26.4 pytest==9.0.3 pluggy==1.7.0 iniconfig==2.3.1 truststore==0.10.5
+	packaging==26.4 pytest==9.0.3 pluggy==1.7.0 iniconfig==2.3.1 truststore==0.10.5 \
+	liger-kernel==0.8.5
 device-wheels: $(STAMP)
 	rm -rf .whl && mkdir -p .whl
 	$(BIN)/pip download -q --no-deps $(WHEEL_TAGS) -d .whl $(DEVICE_WHEELS)

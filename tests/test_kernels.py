@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tfx_kernels import fused_projector, pool, reference_projector, unpool  # noqa: E402
+from tfx_kernels import fused_projector, pool, pool_ln, reference_projector, unpool  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -29,8 +29,7 @@ def ref_pool(x, side, n):
                                  n).flatten(2).transpose(1, 2)
 
 
-@pytest.mark.parametrize("side, n", [(27, 8), (27, 12), (27, 16), (24, 16), (7, 3), (5, 5),
-                                     (6, 1)])
+@pytest.mark.parametrize("side, n", [(27, 8), (24, 16), (7, 3), (5, 5), (6, 1)])
 def test_pool_forward_and_unpool_match_pytorch(side, n):
     torch.manual_seed(side * 100 + n)
     x = torch.randn(1, side * side, 19, device=DEVICE, dtype=torch.float64, requires_grad=True)
@@ -43,6 +42,26 @@ def test_pool_forward_and_unpool_match_pytorch(side, n):
     dx = unpool(dp.float(), (side, side), n)
     assert not dx.isnan().any()
     assert rel_err(dx, dx_ref) < 1e-6
+
+
+@pytest.mark.parametrize("side, n, C", [(14, 8, 19), (7, 3, 33), (6, 6, 8), (5, 1, 40)])
+def test_pool_ln_matches_pool_then_layer_norm(side, n, C):
+    """One pass gives P and LayerNorm(P). Inputs with a large mean and a spread-out scale: a
+    kernel that skips the centring, uses the unbiased variance or forgets the affine fails."""
+    torch.manual_seed(side + n + C)
+    x = (3.0 + 2.0 * torch.randn(2, side * side, C, device=DEVICE, dtype=torch.float64))
+    w = 1.0 + 0.5 * torch.randn(C, device=DEVICE, dtype=torch.float64)
+    b = 0.3 * torch.randn(C, device=DEVICE, dtype=torch.float64)
+    p_ref = ref_pool(x, side, n)
+    z_ref = F.layer_norm(p_ref, (C,), w, b, 1e-5)
+    p, z = pool_ln(x.float(), (side, side), n, w.float(), b.float(), 1e-5)
+    assert not (p.isnan().any() or z.isnan().any())
+    assert rel_err(p, p_ref) < 1e-6 and rel_err(z, z_ref) < 1e-5
+    # half precision: the statistics are those of the stored (rounded) P, as in eager
+    ph, zh = pool_ln(x.half(), (side, side), n, w.half(), b.half(), 1e-5)
+    torch.testing.assert_close(ph, p_ref.half(), rtol=1e-3, atol=1e-3)
+    want = F.layer_norm(ph.float(), (C,), w.half().float(), b.half().float(), 1e-5)
+    torch.testing.assert_close(zh.float(), want, rtol=2e-3, atol=2e-3)
 
 
 def make_params(C, Hd, D):
@@ -165,3 +184,28 @@ def test_triton_projector_trains_like_pytorch_under_zero3(synth_dir, tmp_path):
         losses[kernel] = [json.loads(x)["loss"] for x in
                           (run / "metrics.jsonl").read_text().splitlines()]
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
+
+
+def test_compile_report_sm90_has_no_spills_and_gemms_use_wgmma(tmp_path):
+    """Every launch configuration the GPU path can pick (each autotune config, the pool
+    kernels at the paper's grids) compiles for sm_90a without a GPU: no spills, and the GEMMs'
+    SASS uses Hopper's warpgroup MMA. The pointer-arithmetic GEMMs this replaced spilled
+    2-2.5 KB per thread at their only config."""
+    import json
+
+    from tfx_kernels.swiglu import DGRAD_CONFIGS, GATEUP_CONFIGS
+
+    from conftest import run_tfx
+
+    out = tmp_path / "report.json"
+    result = run_tfx("bench", "kernel", "--compile-report", "--json", str(out), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    for name, configs in (("gateup_swiglu", GATEUP_CONFIGS), ("dgrad_swiglu", DGRAD_CONFIGS)):
+        got = [r for r in rows if r["kernel"] == name]
+        assert [r["config"] for r in got] == configs
+        assert all(r["wgmma"] for r in got), name
+    assert {r["kernel"] for r in rows} >= {"pool_fwd", "pool_ln", "unpool"}
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows)
+    assert all(r["registers"] <= 255 and r["shared_bytes"] <= 227 * 1024 for r in rows)

@@ -367,11 +367,24 @@ def cmd_data(argv: list[str]) -> None:
 
 
 def cmd_bench(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("kernel", "data"):
+    if not argv or argv[0] not in ("kernel", "data", "roofline"):
         print("usage: tfx bench kernel [--small] [--out DIR] [--reps K] [--no-compile]\n"
+              "       tfx bench kernel --compile-report [--json PATH]\n"
+              "       tfx bench roofline [--gpu h100|h200] [--batch B]\n"
               "       tfx bench data [--out DIR] [--steps K] [--samples K] [--workers 0,1,2]",
               file=sys.stderr)
         sys.exit(2)
+    if argv[0] == "roofline":
+        from tfx.bench.roofline import main as roofline
+
+        roofline(argv[1:])
+        return
+    if argv[0] == "kernel" and "--compile-report" in argv:
+        # a process of its own: the report needs Triton's JIT, not the CPU interpreter
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        rest = [a for a in argv[1:] if a != "--compile-report"]
+        sys.exit(subprocess.run([sys.executable, "-m", "tfx_kernels.compile_report", *rest],
+                                env=env).returncode)
     _cpu_env_defaults()
     if argv[0] == "data":
         from tfx.bench.data import main as bench_data

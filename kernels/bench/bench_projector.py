@@ -1,4 +1,5 @@
-"""Projector microbenchmark: eager PyTorch vs torch.compile vs the fused Triton kernel.
+"""Projector microbenchmark: eager PyTorch, torch.compile, Liger-Kernel's SwiGLU with cuBLAS
+GEMMs (when `liger-kernel` is installed) and the fused Triton kernel, in one run.
 
 Modes fwd, bwd, fwd+bwd; median/p20/p80 time, TFLOP/s, percent of the GEMM floor (GPU only),
 and the bytes saved for backward (measured with saved_tensors_hooks, parameters excluded).
@@ -40,12 +41,37 @@ def make_inputs(B, side, C, Hd, D, device, dtype):
     return x, [p.to(device, dtype).requires_grad_() for p in ps]
 
 
+def liger_projector(x_BTC, grid_hw, n, ln_w, ln_b, eps, w_gu, b_gu, w_d, b_d):
+    """The peer: PyTorch pooling and LayerNorm, cuBLAS gate and up GEMMs, Liger's Triton
+    SiLU-mul (as its LigerSwiGLUMLP does), cuBLAS down GEMM."""
+    import torch.nn.functional as F
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    B, T, C = x_BTC.shape
+    H, W = grid_hw
+    p = F.adaptive_avg_pool2d(x_BTC.transpose(1, 2).reshape(B, C, H, W), n)
+    z = F.layer_norm(p.flatten(2).transpose(1, 2), (C,), ln_w, ln_b, eps)
+    hd = w_gu.shape[0] // 2
+    h = LigerSiLUMulFunction.apply(F.linear(z, w_gu[:hd], b_gu[:hd]),
+                                   F.linear(z, w_gu[hd:], b_gu[hd:]))
+    return F.linear(h, w_d, b_d)
+
+
+OPTIONAL = ("compile", "liger")  # a provider that cannot run here is left out, with the reason
+
+
 def providers(use_compile: bool):
     from tfx_kernels import fused_projector, reference_projector
 
     out = {"eager": reference_projector}
     if use_compile:  # on a CPU, inductor builds C++ with the system compiler
         out["compile"] = torch.compile(reference_projector, dynamic=False)
+    try:
+        import liger_kernel  # noqa: F401
+
+        out["liger"] = liger_projector
+    except ImportError:
+        print("liger-kernel not installed: its row is left out (pip install liger-kernel)")
     out["fused"] = fused_projector
     return out
 
@@ -117,7 +143,7 @@ def run(small: bool, out: Path, reps: int, use_compile: bool = True,
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     import triton
 
-    rows = []
+    rows, skipped = [], set()
     for shape in shapes:
         enc, B, side, n, C, Hd, D = shape
         M = B * n * n
@@ -127,10 +153,12 @@ def run(small: bool, out: Path, reps: int, use_compile: bool = True,
                 try:
                     (med, p20, p80), saved = bench_case(fn, shape, mode, device, dtype, reps)
                 except Exception as e:  # e.g. no C++ compiler for inductor: say so, go on
-                    if prov != "compile":
+                    if prov not in OPTIONAL:
                         raise
-                    print(f"torch.compile failed, row left out: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}")
+                    if (prov, mode) not in skipped:
+                        print(f"{prov} failed, row left out: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}")
+                    skipped.add((prov, mode))
                     continue
                 tflops = gemm_flops(M, C, Hd, D, mode) / (med * 1e-3) / 1e12
                 base[prov] = med

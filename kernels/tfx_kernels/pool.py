@@ -5,6 +5,10 @@ overlap when n does not divide H. Forward: one program per (output token, channe
 its window in fp32 (the largest window is a constexpr computed on the host). Backward is a
 gather ("unpool"): one program per (input patch, channel block) sums dP/count over the <= 2x2
 bins that contain it, so it needs no atomics and is deterministic.
+`pool_ln` is the forward the projector uses: one program per output token pools its whole
+channel row and applies the LayerNorm in the same pass (statistics of the rounded pooled row,
+as `F.layer_norm` on the pooled tensor computes them), writing the pooled P (kept for backward)
+and the normalised Z (the gate/up GEMM's input): P is never read back.
 """
 
 from __future__ import annotations
@@ -69,6 +73,39 @@ def _pool_fwd_kernel(x_ptr, out_ptr, H, W, n, C,
 
 
 @triton.jit
+def _pool_ln_kernel(x_ptr, lnw_ptr, lnb_ptr, p_ptr, z_ptr, H, W, n, C, eps,
+                    KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # b * n*n + i*n + j; BLOCK_C covers all C channels
+    b = pid // (n * n)
+    ij = pid % (n * n)
+    i = ij // n
+    j = ij % n
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    zero = offs_c * 0
+    r0, r1 = _bin(i, H, n)
+    c0, c1 = _bin(j, W, n)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    base = x_ptr + b * H * W * C
+    for dr in tl.static_range(KH):
+        for dc in tl.static_range(KW):
+            r = r0 + dr
+            c = c0 + dc
+            ok = mask_c & ((zero + r) < r1) & ((zero + c) < c1)
+            acc += tl.load(base + (r * W + c) * C + offs_c, mask=ok, other=0.0).to(tl.float32)
+    p = (acc / ((r1 - r0) * (c1 - c0)).to(tl.float32)).to(p_ptr.dtype.element_ty)
+    tl.store(p_ptr + pid * C + offs_c, p, mask=mask_c)
+    pf = tl.where(mask_c, p.to(tl.float32), 0.0)  # LayerNorm sees the stored (rounded) P
+    mean = tl.sum(pf, axis=0) / C
+    d = tl.where(mask_c, pf - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+    w = tl.load(lnw_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    bias = tl.load(lnb_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(z_ptr + pid * C + offs_c, (d * rstd * w + bias).to(z_ptr.dtype.element_ty),
+             mask=mask_c)
+
+
+@triton.jit
 def _unpool_kernel(dp_ptr, dx_ptr, H, W, n, C,
                    KI: tl.constexpr, KJ: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # b * H*W + r*W + c
@@ -99,7 +136,7 @@ def _unpool_kernel(dp_ptr, dx_ptr, H, W, n, C,
 
 def _block_c(C: int) -> int:
     # The interpreter pays per program: one wide block. On a GPU, 128-256 channels per program.
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return triton.next_power_of_2(C)
     return min(256, triton.next_power_of_2(C))
 
@@ -115,6 +152,34 @@ def pool(x_BTC: torch.Tensor, grid_hw: tuple[int, int], n: int) -> torch.Tensor:
     _pool_fwd_kernel[(B * n * n, triton.cdiv(C, bc))](
         x, out, H, W, n, C, KH=max_window(H, n), KW=max_window(W, n), BLOCK_C=bc)
     return out
+
+
+def ln_warps(C: int) -> int:
+    """Warps for `pool_ln`'s one-row programs: 16 channels per thread (2048 -> 4 warps)."""
+    if _interpreting():
+        return 1
+    return max(1, min(16, triton.next_power_of_2(C) // (16 * 32)))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pool_ln(x_BTC: torch.Tensor, grid_hw: tuple[int, int], n: int, ln_w: torch.Tensor,
+            ln_b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (P, LayerNorm(P)), both (B, n*n, C) in x's dtype, from one pass over x."""
+    B, T, C = x_BTC.shape
+    H, W = grid_hw
+    if T != H * W or not 1 <= n <= min(H, W):
+        raise ValueError(f"cannot pool {T} tokens on a {H}x{W} grid to {n}x{n}")
+    x = x_BTC.contiguous()
+    p = new_output((B, n * n, C), x)
+    z = new_output((B, n * n, C), x)
+    _pool_ln_kernel[(B * n * n,)](
+        x, ln_w.contiguous(), ln_b.contiguous(), p, z, H, W, n, C, float(eps),
+        KH=max_window(H, n), KW=max_window(W, n), BLOCK_C=triton.next_power_of_2(C),
+        num_warps=ln_warps(C))
+    return p, z
 
 
 def unpool(dp_BNC: torch.Tensor, grid_hw: tuple[int, int], n: int) -> torch.Tensor:

@@ -1,9 +1,13 @@
-"""The fused projector as one autograd.Function: pool -> LayerNorm -> gate/up+SwiGLU -> down.
+"""The fused projector as one autograd.Function: pool+LayerNorm -> gate/up+SwiGLU -> down.
 
+Forward: one kernel pools the grid and normalises each pooled row (`pool_ln`), one GEMM
+computes gate and up with the SwiGLU in its epilogue, cuBLAS does the down projection.
 Saved for backward: the pooled input P (B, N, C) and the pre-activations [G | U]; not the
-hidden product H (recomputed in the dgrad epilogue) and not the patch grid X (only its shape).
-LayerNorm is recomputed from P in backward (PyTorch); the down projection and the weight
-gradients are cuBLAS GEMMs. Pooling to `adaptive` bins only; `interp` stays on PyTorch.
+hidden product H (recomputed in the dgrad epilogue), not Z and not the patch grid X (only its
+shape). LayerNorm is recomputed from P in backward (PyTorch); the down projection and the
+weight gradients are cuBLAS GEMMs. Pooling to `adaptive` bins only; `interp` stays on PyTorch.
+Why pooling and LayerNorm are not folded into the GEMM's A-tile loads: docs/benchmarks.md
+(roofline).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tfx_kernels.pool import pool, unpool
+from tfx_kernels.pool import pool_ln, unpool
 from tfx_kernels.swiglu import dgrad_swiglu, gateup_swiglu
 
 
@@ -19,8 +23,8 @@ class FusedProjectorFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BTC, grid_hw, n, ln_w, ln_b, eps, w_gu, b_gu, w_d, b_d):
         B, _, C = x_BTC.shape
-        p_BNC = pool(x_BTC, grid_hw, n)
-        z = F.layer_norm(p_BNC, (C,), ln_w, ln_b, eps).reshape(-1, C)
+        p_BNC, z_BNC = pool_ln(x_BTC, grid_hw, n, ln_w, ln_b, eps)
+        z = z_BNC.reshape(-1, C)
         gu, h = gateup_swiglu(z, w_gu.to(z.dtype), b_gu.to(z.dtype))
         y = torch.addmm(b_d.to(h.dtype), h, w_d.to(h.dtype).t())
         ctx.save_for_backward(p_BNC, gu, ln_w, ln_b, w_gu, w_d)

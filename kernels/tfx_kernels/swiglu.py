@@ -5,6 +5,14 @@ Forward  (M = tokens, K = C, Hd = hidden): GU = Z @ W_gu^T + b_gu, written as [G
          (two fp32 accumulators over one pass of Z), so Z is read once for both.
 Backward: dH = dY @ W_d (M, Hd) tile-by-tile; the epilogue reads G, U and writes
          [dG | dU] and recomputes H (never stored between forward and backward).
+
+Every tile moves through tensor descriptors (TMA on Hopper): no pointer tensors and no masks
+in the kernels, which is what kept the earlier pointer-arithmetic version at 255 registers with
+2 KB of spills per thread; out-of-range rows and columns read as zero and are not written.
+A descriptor needs 16-byte strides, so K, Hd and D must be multiples of `align(dtype)` (8 in
+bf16); other shapes are zero-padded on the host (a copy: correct, not fast). The launch
+configurations are in `GATEUP_CONFIGS` / `DGRAD_CONFIGS`, each checked spill-free for sm_90a by
+`tfx bench kernel --compile-report`, and `triton.autotune` picks among them per shape.
 `DOT_FP32` upcasts the dot operands: required under TRITON_INTERPRET=1, whose bf16 tl.dot is
 wrong (triton-lang/triton#11584); on a GPU the operands stay in their dtype for tensor cores.
 """
@@ -14,12 +22,31 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tfx_kernels.pool import new_output
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(BM, BN, BK, warps, stages):
+    return {"BM": BM, "BN": BN, "BK": BK, "num_warps": warps, "num_stages": stages}
+
+
+# GPU launch configurations (sm_90a, bf16): each must compile without spills (CI checks).
+GATEUP_CONFIGS = [_config(128, 64, 64, 8, 3), _config(128, 64, 64, 8, 4),
+                  _config(64, 128, 64, 4, 4)]
+DGRAD_CONFIGS = [_config(128, 64, 64, 8, 3), _config(128, 64, 64, 8, 4)]
+# The interpreter pays per program and per op: one config of mid-sized tiles.
+INTERPRET_CONFIG = _config(32, 32, 32, 1, 1)
+
+
+def align(dtype: torch.dtype) -> int:
+    """The multiple K, Hd and D must be of for 16-byte descriptor strides."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
 
 
 @triton.jit
@@ -29,96 +56,118 @@ def _silu_parts(g):
 
 
 @triton.jit
-def _gateup_swiglu_kernel(z_ptr, w_ptr, b_ptr, gu_ptr, h_ptr, M, K, HD,
+def _gateup_swiglu_kernel(z_desc, wg_desc, wu_desc, b_ptr, g_desc, u_desc, h_desc, M, K, HD,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_m = offs_m < M
-    mask_n = offs_n < HD
+    om = tl.program_id(0) * BM
+    on = tl.program_id(1) * BN
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = offs_k < K
-        z = tl.load(z_ptr + offs_m[:, None] * K + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wg = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],
-                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-        wu = tl.load(w_ptr + (offs_n[None, :] + HD) * K + offs_k[:, None],
-                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+        z = z_desc.load([om, k0])
+        wg = wg_desc.load([on, k0])
+        wu = wu_desc.load([on, k0])
         if DOT_FP32:
             z, wg, wu = z.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-        acc_g += tl.dot(z, wg)
-        acc_u += tl.dot(z, wu)
-    g = acc_g + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    u = acc_u + tl.load(b_ptr + HD + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_g = tl.dot(z, wg.T, acc_g)
+        acc_u = tl.dot(z, wu.T, acc_u)
+    cols = on + tl.arange(0, BN)
+    keep = cols < HD
+    g = acc_g + tl.load(b_ptr + cols, mask=keep, other=0.0).to(tl.float32)[None, :]
+    u = acc_u + tl.load(b_ptr + HD + cols, mask=keep, other=0.0).to(tl.float32)[None, :]
     # round G and U to the storage dtype first, so forward and backward see the same values
-    g = g.to(gu_ptr.dtype.element_ty).to(tl.float32)
-    u = u.to(gu_ptr.dtype.element_ty).to(tl.float32)
-    s, _ = _silu_parts(g)
-    mask = mask_m[:, None] & mask_n[None, :]
-    row = offs_m[:, None] * (2 * HD)
-    tl.store(gu_ptr + row + offs_n[None, :], g.to(gu_ptr.dtype.element_ty), mask=mask)
-    tl.store(gu_ptr + row + HD + offs_n[None, :], u.to(gu_ptr.dtype.element_ty), mask=mask)
-    tl.store(h_ptr + offs_m[:, None] * HD + offs_n[None, :], (s * u).to(h_ptr.dtype.element_ty),
-             mask=mask)
+    g = g.to(g_desc.dtype)
+    u = u.to(u_desc.dtype)
+    s, _ = _silu_parts(g.to(tl.float32))
+    g_desc.store([om, on], g)
+    u_desc.store([om, on], u)
+    h_desc.store([om, on], (s * u.to(tl.float32)).to(h_desc.dtype))
 
 
 @triton.jit
-def _dgrad_swiglu_kernel(dy_ptr, wd_ptr, gu_ptr, dgu_ptr, h_ptr, M, D, HD,
+def _dgrad_swiglu_kernel(dy_desc, wd_desc, g_desc, u_desc, dg_desc, du_desc, h_desc, M, D, HD,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_m = offs_m < M
-    mask_n = offs_n < HD
+    om = tl.program_id(0) * BM
+    on = tl.program_id(1) * BN
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):  # dH = dY (M, D) @ W_d (D, HD)
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = offs_k < D
-        dy = tl.load(dy_ptr + offs_m[:, None] * D + offs_k[None, :],
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wd = tl.load(wd_ptr + offs_k[:, None] * HD + offs_n[None, :],
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        dy = dy_desc.load([om, k0])
+        wd = wd_desc.load([k0, on])
         if DOT_FP32:
             dy, wd = dy.to(tl.float32), wd.to(tl.float32)
-        acc += tl.dot(dy, wd)
-    mask = mask_m[:, None] & mask_n[None, :]
-    row = offs_m[:, None] * (2 * HD)
-    g = tl.load(gu_ptr + row + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row + HD + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc = tl.dot(dy, wd, acc)
+    g = g_desc.load([om, on]).to(tl.float32)
+    u = u_desc.load([om, on]).to(tl.float32)
     s, sig = _silu_parts(g)
-    du = acc * s
-    dg = acc * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(dgu_ptr + row + offs_n[None, :], dg.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgu_ptr + row + HD + offs_n[None, :], du.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(h_ptr + offs_m[:, None] * HD + offs_n[None, :], (s * u).to(h_ptr.dtype.element_ty),
-             mask=mask)
+    dg_desc.store([om, on], (acc * u * sig * (1.0 + g * (1.0 - sig))).to(dg_desc.dtype))
+    du_desc.store([om, on], (acc * s).to(du_desc.dtype))
+    h_desc.store([om, on], (s * u).to(h_desc.dtype))
 
 
-def _tiles(M: int, N: int) -> tuple[int, int, int]:
-    if INTERPRET:  # few, large programs: the interpreter's cost is per program and per op
-        return (min(64, max(16, triton.next_power_of_2(M))),
-                min(64, max(16, triton.next_power_of_2(N))), 32)
-    return 128, 128, 64
+def _gateup_blocks(nargs):
+    BM, BN, BK = nargs["BM"], nargs["BN"], nargs["BK"]
+    nargs["z_desc"].block_shape = [BM, BK]
+    for name in ("wg_desc", "wu_desc"):
+        nargs[name].block_shape = [BN, BK]
+    for name in ("g_desc", "u_desc", "h_desc"):
+        nargs[name].block_shape = [BM, BN]
+
+
+def _dgrad_blocks(nargs):
+    BM, BN, BK = nargs["BM"], nargs["BN"], nargs["BK"]
+    nargs["dy_desc"].block_shape = [BM, BK]
+    nargs["wd_desc"].block_shape = [BK, BN]
+    for name in ("g_desc", "u_desc", "dg_desc", "du_desc", "h_desc"):
+        nargs[name].block_shape = [BM, BN]
+
+
+def _tuned(kernel, configs, hook, key):
+    configs = [INTERPRET_CONFIG] if INTERPRET else configs
+    return triton.autotune(
+        [triton.Config({k: c[k] for k in ("BM", "BN", "BK")}, num_warps=c["num_warps"],
+                       num_stages=c["num_stages"], pre_hook=hook) for c in configs],
+        key=key)(kernel)
+
+
+_gateup = _tuned(_gateup_swiglu_kernel, GATEUP_CONFIGS, _gateup_blocks, ["M", "K", "HD"])
+_dgrad = _tuned(_dgrad_swiglu_kernel, DGRAD_CONFIGS, _dgrad_blocks, ["M", "D", "HD"])
+
+
+def _desc(t: torch.Tensor) -> TensorDescriptor:
+    return TensorDescriptor.from_tensor(t, [1, 1])  # block shape set per config (pre_hook)
+
+
+def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if t.shape[dim] == size:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, size - t.shape[dim]]
+    return F.pad(t, pad)
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
 
 
 def gateup_swiglu(z_MK: torch.Tensor, w_gu: torch.Tensor, b_gu: torch.Tensor):
     """-> (GU (M, 2*Hd), H (M, Hd)) in z's dtype."""
     M, K = z_MK.shape
     HD = w_gu.shape[0] // 2
+    a = align(z_MK.dtype)
+    Kp, HDp = _round_up(K, a), _round_up(HD, a)
+    if (Kp, HDp) != (K, HD):  # unaligned: run the padded problem, keep the real part
+        wg, wu = w_gu.chunk(2)
+        w = torch.cat([_pad_to(_pad_to(wg, 0, HDp), 1, Kp), _pad_to(_pad_to(wu, 0, HDp), 1, Kp)])
+        bg, bu = b_gu.chunk(2)
+        gu, h = gateup_swiglu(_pad_to(z_MK, 1, Kp), w, torch.cat([_pad_to(bg, 0, HDp),
+                                                                  _pad_to(bu, 0, HDp)]))
+        return torch.cat([gu[:, :HD], gu[:, HDp:HDp + HD]], 1), h[:, :HD].contiguous()
     z, w, b = z_MK.contiguous(), w_gu.contiguous(), b_gu.contiguous()
     gu = new_output((M, 2 * HD), z)
     h = new_output((M, HD), z)
-    BM, BN, BK = _tiles(M, HD)
-    _gateup_swiglu_kernel[(triton.cdiv(M, BM), triton.cdiv(HD, BN))](
-        z, w, b, gu, h, M, K, HD, BM=BM, BN=BN, BK=BK,
-        DOT_FP32=INTERPRET, num_warps=8 if not INTERPRET else 1)
+    _gateup[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(HD, meta["BN"]))](
+        _desc(z), _desc(w[:HD]), _desc(w[HD:]), b, _desc(gu[:, :HD]), _desc(gu[:, HD:]),
+        _desc(h), M, K, HD, DOT_FP32=INTERPRET)
     return gu, h
 
 
@@ -126,11 +175,17 @@ def dgrad_swiglu(dy_MD: torch.Tensor, w_d: torch.Tensor, gu: torch.Tensor):
     """-> (dGU (M, 2*Hd), H recomputed (M, Hd))."""
     M, D = dy_MD.shape
     HD = w_d.shape[1]
-    dy, wd = dy_MD.contiguous(), w_d.contiguous()
+    a = align(gu.dtype)
+    Dp, HDp = _round_up(D, a), _round_up(HD, a)
+    if (Dp, HDp) != (D, HD):
+        g, u = gu[:, :HD], gu[:, HD:]
+        dgu, h = dgrad_swiglu(_pad_to(dy_MD, 1, Dp), _pad_to(_pad_to(w_d, 0, Dp), 1, HDp),
+                              torch.cat([_pad_to(g, 1, HDp), _pad_to(u, 1, HDp)], 1))
+        return torch.cat([dgu[:, :HD], dgu[:, HDp:HDp + HD]], 1), h[:, :HD].contiguous()
+    dy, wd, gu = dy_MD.contiguous(), w_d.contiguous(), gu.contiguous()
     dgu = new_output((M, 2 * HD), gu)
     h = new_output((M, HD), gu)
-    BM, BN, BK = _tiles(M, HD)
-    _dgrad_swiglu_kernel[(triton.cdiv(M, BM), triton.cdiv(HD, BN))](
-        dy, wd, gu, dgu, h, M, D, HD, BM=BM, BN=BN, BK=BK,
-        DOT_FP32=INTERPRET, num_warps=8 if not INTERPRET else 1)
+    _dgrad[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(HD, meta["BN"]))](
+        _desc(dy), _desc(wd), _desc(gu[:, :HD]), _desc(gu[:, HD:]), _desc(dgu[:, :HD]),
+        _desc(dgu[:, HD:]), _desc(h), M, D, HD, DOT_FP32=INTERPRET)
     return dgu, h
