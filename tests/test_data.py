@@ -5,6 +5,7 @@ import json
 import tarfile
 
 import pytest
+import torch
 import yaml
 
 from tfx.config.load import build
@@ -239,3 +240,25 @@ def test_a_storage_error_stops_the_run_naming_the_shard(synth_dir, tmp_path):
         in result.stderr
     assert "Traceback" not in result.stderr
     assert last_line(result).startswith("tfx train: stopped (DataError)")
+
+
+def test_large_jpegs_decode_at_reduced_size_as_the_processor_does():
+    """A 640x480 photo is decoded at 320x240 (JPEG draft) for a 224 px tower, in training and in
+    the exported processor alike: the same pixels reach the model."""
+    import numpy as np
+    from PIL import Image
+
+    from tfx.data.decode import SkipCounter, decode_sample, image_to_uint8, normalise
+    from tfx.model.processing_tokenflex import TokenFlexImageProcessor
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 255, (30, 40, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(smooth).save(buf, "JPEG", quality=90)
+    raw = {"__key__": "k", "jpg": buf.getvalue(), "json": conv().decode()}
+    decoded = decode_sample(raw, SkipCounter(1, True), image_size=224)
+    assert decoded.image.size == (320, 240)
+    assert decode_sample(raw, SkipCounter(1, True)).image.size == (640, 480)  # no size: full
+    train = normalise(image_to_uint8(decoded.image, 224)[None], "siglip")
+    served = TokenFlexImageProcessor(image_size=224)(Image.open(io.BytesIO(raw["jpg"])))
+    assert torch.equal(served["pixel_values"], train)

@@ -85,6 +85,9 @@ class DataConfig:
     micro_batch_size: int = 8  # samples per rank per micro-step
     bucket_batches: int = 128  # batches sorted together by length (the megabatch); 1 = none
     token_budget: int = 0  # >0: batches of varying size, each <= this many tokens at the largest N
+    # (with packing: rows of pack_tokens x their count)
+    packing: bool = False  # several samples a row, attention kept inside each (tfx.data.packing)
+    pack_tokens: int = 0  # row length when packing; 0: the longest sample, max_text_tokens + N + 2
     num_workers: int = 0  # DataLoader workers per rank (0: read in the training process)
     max_consecutive_errors: int = 100  # bad samples in a row before the run stops
     strict: bool = False  # raise on the first bad sample instead of skipping it
@@ -184,6 +187,13 @@ class RunConfig:
         if 0 < self.data.token_budget < longest:
             raise ConfigError(f"data.token_budget: {self.data.token_budget} cannot hold one sample "
                               f"of max_text_tokens + the largest N + 2 = {longest}")
+        if 0 < self.data.pack_tokens < longest:
+            raise ConfigError(f"data.pack_tokens: {self.data.pack_tokens} cannot hold one sample "
+                              f"of max_text_tokens + the largest N + 2 = {longest}")
+        if self.data.packing and self.tokens.mode == "all":
+            raise ConfigError("data.packing: not supported with tokens.mode=all yet (each "
+                              "count would pack the samples differently); use mode random or "
+                              "fixed, or packing: false")
         return self
 
 
@@ -253,6 +263,7 @@ def _validate_train(c: RunConfig) -> None:
             raise ConfigError(f"{key}: {value} must be >= 1")
     for key, value in (("checkpoint.save_every", c.checkpoint.save_every),
                        ("data.token_budget", d.token_budget), ("data.num_workers", d.num_workers),
+                       ("data.pack_tokens", d.pack_tokens),
                        ("debug.check_divergence_steps", c.debug.check_divergence_steps),
                        ("optim.lr", o.lr), ("optim.llm_lr", o.llm_lr),
                        ("optim.vision_lr", o.vision_lr), ("optim.weight_decay", o.weight_decay),

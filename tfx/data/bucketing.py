@@ -17,13 +17,40 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 
-def cut_by_budget(samples: list, budget: int, lengths: Callable) -> list[list]:
+def first_fit_decreasing(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows of total length <= `row_tokens` (a sample longer
+    than that gets a row of its own). Ties keep the input order, so the result is a pure
+    function of the lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_tokens - lengths[i])
+    return rows
+
+
+def cut_by_budget(samples: list, budget: int, lengths: Callable,
+                  pack_tokens: int = 0) -> list[list]:
     """Consecutive (length-sorted) samples -> batches whose padded size, rows x longest row,
-    stays within `budget` tokens."""
+    stays within `budget` tokens. `pack_tokens` > 0 (packing): rows of that length, filled
+    first-fit decreasing, so a batch is cut where its rows would no longer fit the budget."""
     batches, current, longest = [], [], 0
     for s in samples:
         grown = max(longest, lengths(s))
-        if current and grown * (len(current) + 1) > budget:
+        if pack_tokens:
+            rows = first_fit_decreasing([lengths(x) for x in current] + [lengths(s)],
+                                        pack_tokens)
+            cost = len(rows) * pack_tokens
+        else:
+            cost = grown * (len(current) + 1)
+        if current and cost > budget:
             batches.append(current)
             current, grown = [], lengths(s)
         current.append(s)
@@ -32,11 +59,11 @@ def cut_by_budget(samples: list, budget: int, lengths: Callable) -> list[list]:
 
 
 def make_batches(samples: list, batch_size: int, sort: bool, lengths: Callable,
-                 rng: np.random.Generator, budget: int = 0) -> list[list]:
+                 rng: np.random.Generator, budget: int = 0, pack_tokens: int = 0) -> list[list]:
     if sort:
         samples = sorted(samples, key=lengths)
     if budget:
-        batches = cut_by_budget(samples, budget, lengths)
+        batches = cut_by_budget(samples, budget, lengths, pack_tokens)
     else:
         batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     if sort:
@@ -50,11 +77,13 @@ class LengthBucketer:
     def __init__(self, *, open_source: Callable[[], Iterator], snapshot: Callable[[], dict],
                  restore: Callable[[dict], None], batch_size: int, bucket_batches: int,
                  seed: int, reader: int, length: Callable = lambda s: s.text_len,
-                 token_budget: int = 0, budget_length: Callable | None = None):
+                 token_budget: int = 0, budget_length: Callable | None = None,
+                 pack_tokens: int = 0):
         self.open_source, self.snapshot, self.restore = open_source, snapshot, restore
         self.batch_size, self.bucket_batches = batch_size, bucket_batches
         self.seed, self.reader, self.length = seed, reader, length
         self.token_budget, self.budget_length = token_budget, budget_length or length
+        self.pack_tokens = pack_tokens
         self.megabatch_idx, self.served = -1, 0
         self.start_state: dict | None = None
         self._pending: list[list] = []
@@ -70,7 +99,7 @@ class LengthBucketer:
         rng = np.random.default_rng([self.seed, self.reader, self.megabatch_idx, 0xB0C])
         if self.token_budget:
             self._pending = make_batches(samples, 0, True, self.budget_length, rng,
-                                         self.token_budget)
+                                         self.token_budget, self.pack_tokens)
         else:
             self._pending = make_batches(samples, self.batch_size, self.bucket_batches > 1,
                                          self.length, rng)

@@ -16,6 +16,7 @@ from tfx.config.schema import RunConfig
 from tfx.data.bucketing import LengthBucketer
 from tfx.data.collate import TextSample, collate
 from tfx.data.decode import Decoded, SkipCounter, decode_sample, image_to_uint8
+from tfx.data.packing import collate_packed
 from tfx.data.shards import ShardStream, check_shard_count, expand_shards, iter_tar
 from tfx.data.tokenizer import IGNORE, encode_with_image
 from tfx.errors import DataError
@@ -40,6 +41,12 @@ def to_text_sample(d: Decoded, tok, image_size: int, family: str, max_text: int,
                       has_image=has_image, ids=ids, labels=labels, meta=d.meta)
 
 
+def row_tokens(cfg: RunConfig) -> int:
+    """The packed row length: `data.pack_tokens`, else the longest sample at the largest N."""
+    d = cfg.data
+    return d.pack_tokens or d.max_text_tokens + max(cfg.tokens.counts) + 2
+
+
 class ReaderStream:
     """One reader's bucketed lists of samples, with an exactly restorable position."""
 
@@ -54,12 +61,13 @@ class ReaderStream:
             open_source=self._samples, snapshot=self._snapshot, restore=self._restore,
             batch_size=d.micro_batch_size, bucket_batches=d.bucket_batches,
             seed=cfg.train.seed, reader=reader, token_budget=d.token_budget,
-            budget_length=lambda s: s.total_len(largest_n))
+            budget_length=lambda s: s.total_len(largest_n),
+            pack_tokens=row_tokens(cfg) if d.packing else 0)
 
     def _samples(self) -> Iterator[TextSample]:
         v = self.cfg.model.vision
         for raw in self.shards:
-            decoded = decode_sample(raw, self.skips)
+            decoded = decode_sample(raw, self.skips, v.image_size)
             if decoded is None:
                 continue
             sample = to_text_sample(decoded, self.tok, v.image_size, v.family,
@@ -161,8 +169,15 @@ class TrainStream:
         self.consumed += 1
         return samples
 
+    def collate(self, samples: list[TextSample], n_visual: int) -> dict:
+        """A micro-batch at the step's N: packed rows with `data.packing`, else one sample a
+        row."""
+        if self.cfg.data.packing:
+            return collate_packed(samples, n_visual, self.tok, row_tokens(self.cfg))
+        return collate(samples, n_visual, self.tok)
+
     def next_batch(self, n_visual: int) -> dict:
-        return collate(self.next_samples(), n_visual, self.tok)
+        return self.collate(self.next_samples(), n_visual)
 
     @property
     def skipped(self) -> int:
@@ -192,7 +207,7 @@ def read_eval_samples(spec, cfg: RunConfig, tok, skips: SkipCounter) -> list[Tex
     out = []
     for url in expand_shards(spec, "data.eval"):
         for raw in iter_tar(url, skips):
-            decoded = decode_sample(raw, skips)
+            decoded = decode_sample(raw, skips, v.image_size)
             sample = decoded and to_text_sample(decoded, tok, v.image_size, v.family,
                                                 cfg.data.max_text_tokens, skips, url)
             if sample:

@@ -31,7 +31,7 @@ from tfx.train.load import load_model
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
 REMOTE_CODE = ("configuration_tokenflex.py", "modeling_tokenflex.py", "projector.py",
-               "processing_tokenflex.py")
+               "processing_tokenflex.py", "pixels.py")
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_tokenflex.TokenFlexProcessor",
                       "AutoImageProcessor": "processing_tokenflex.TokenFlexImageProcessor"}
 AUTO_MAP = {"AutoConfig": "configuration_tokenflex.TokenFlexConfig",

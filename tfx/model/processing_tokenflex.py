@@ -27,6 +27,8 @@ from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from .pixels import square_rgb
+
 IMAGE_TAG, IMG_START, IMG_CONTEXT, IMG_END = "<image>", "<img>", "<IMG_CONTEXT>", "</img>"
 
 
@@ -46,8 +48,7 @@ class TokenFlexImageProcessor(BaseImageProcessor):
         for image in images:
             if not isinstance(image, Image.Image):
                 image = Image.fromarray(np.asarray(image))
-            image = image.convert("RGB").resize((self.image_size, self.image_size),
-                                                Image.BICUBIC)
+            image = square_rgb(image, self.image_size)
             arr = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
             out.append(torch.from_numpy(arr).permute(2, 0, 1))
         pixels = torch.stack(out).contiguous() if out else torch.zeros(0, 3, self.image_size,

@@ -28,6 +28,17 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def packed_attention_mask(llm_config, embeds_BTD: torch.Tensor, position_ids_BT: torch.Tensor):
+    """The block-diagonal causal mask of packed rows, in the form the LLM's attention backend
+    takes (a 4-D bool for SDPA, additive for eager, None for flash-attn, which reads the
+    boundaries from `position_ids`). Built explicitly: transformers infers it only when no
+    2-D mask and no cache are passed, and silently attends across samples otherwise."""
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(llm_config, embeds_BTD, attention_mask=None,
+                              past_key_values=None, position_ids=position_ids_BT)
+
+
 @dataclass(frozen=True)
 class ImageTokenIds:
     start: int
@@ -56,27 +67,34 @@ class TokenFlexVLM(nn.Module):
         return self.projector(feats_BTC, self.vision.grid_hw, n)
 
     def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
-              feats_BTC: torch.Tensor | None = None) -> torch.Tensor:
+              feats_BTC: torch.Tensor | None = None,
+              has_image: torch.Tensor | None = None) -> torch.Tensor:
         """`feats_BTC`: the tower's output for `pixel_values` when already computed (eval at
-        several N runs the tower once per batch)."""
+        several N runs the tower once per batch). `has_image`: which entries of
+        `pixel_values` are real images, in placeholder order; needed when rows are packed
+        (several samples a row), else read from the rows (one sample a row)."""
         embeds_BTD = self.llm.get_input_embeddings()(input_ids_BT)
         if feats_BTC is None:
             feats_BTC = self.vision(pixel_values.to(embeds_BTD.dtype))
         visual_BND = self.visual_tokens(feats_BTC, n_visual).to(embeds_BTD.dtype)
-        with_image_B = (input_ids_BT == self.image_ids.context).any(dim=1)
-        embeds_BTD = splice_visual(embeds_BTD, input_ids_BT, visual_BND[with_image_B],
+        if has_image is None:
+            has_image = (input_ids_BT == self.image_ids.context).any(dim=1)
+        embeds_BTD = splice_visual(embeds_BTD, input_ids_BT, visual_BND[has_image.bool()],
                                    self.image_ids.context)
         # Rows without an image still ran the tower: keep it in the graph with weight 0.
         return embeds_BTD + 0.0 * visual_BND.sum()
 
     def forward(self, input_ids, pixel_values: torch.Tensor, n_visual,
-                attention_mask=None, labels=None) -> torch.Tensor:
+                attention_mask=None, labels=None, position_ids=None,
+                has_image=None) -> torch.Tensor:
         """Logits (B, T, V); with `labels`, the summed cross-entropy of the answer tokens,
         with the LM head applied at those positions only (the V-way logits of every prompt
         and image position are never formed: most of the cost for a large vocabulary).
         `n_visual` a tuple of C counts (tokens.mode all): `input_ids`, `attention_mask` and
         `labels` are then C-tuples, one batch per count over the same samples, and the result
-        is the (C,) summed cross-entropies; the tower runs once for all of them."""
+        is the (C,) summed cross-entropies; the tower runs once for all of them.
+        `position_ids` (packed rows, `tfx.data.packing`): restart at 0 at each sample; the
+        attention then stays inside each sample and `attention_mask` is not used."""
         if isinstance(n_visual, (tuple, list)):
             dtype = self.llm.get_input_embeddings().weight.dtype
             feats_BTC = self.vision(pixel_values.to(dtype))
@@ -92,17 +110,22 @@ class TokenFlexVLM(nn.Module):
                            use_cache=False)
             return out.logits
         logits_KV, targets_K, _ = self.answer_logits(input_ids, pixel_values, n_visual,
-                                                     attention_mask, labels)
+                                                     attention_mask, labels,
+                                                     position_ids=position_ids,
+                                                     has_image=has_image)
         return F.cross_entropy(_at_least_fp32(logits_KV), targets_K, reduction="sum")
 
     def answer_logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
                       attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                      feats_BTC: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      feats_BTC: torch.Tensor | None = None, position_ids=None,
+                      has_image=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K, V) logits at the K supervised positions, their (K,) targets, and the (B, T)
         mask of those positions."""
-        embeds_BTD = self.embed(input_ids, pixel_values, n_visual, feats_BTC)
+        embeds_BTD = self.embed(input_ids, pixel_values, n_visual, feats_BTC, has_image)
+        if position_ids is not None:
+            attention_mask = packed_attention_mask(self.llm.config, embeds_BTD, position_ids)
         hidden_BTD = self.llm.model(inputs_embeds=embeds_BTD, attention_mask=attention_mask,
+                                    position_ids=position_ids,
                                     use_cache=False).last_hidden_state
         targets_BT = shifted_targets(labels)
         keep_BT = targets_BT != IGNORE

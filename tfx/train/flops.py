@@ -130,5 +130,6 @@ class FlopModel:
 
     def batch_flops(self, batch: dict, n_visual: int, supervised: int,
                     include_vision: bool = True) -> float:
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        # packed rows attend within each sample: the attention term is per sample
+        lengths = batch.get("sample_lengths") or batch["attention_mask"].sum(dim=1).tolist()
         return self.step(int(batch["images"]), n_visual, lengths, supervised, include_vision)

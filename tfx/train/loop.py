@@ -21,7 +21,6 @@ import yaml
 from tfx.config.load import config_hash, dump_config, to_dict
 from tfx.config.schema import RunConfig
 from tfx.data.builders.llava import read_index
-from tfx.data.collate import collate
 from tfx.data.pipeline import TrainStream
 from tfx.data.schedule import TokenSchedule
 from tfx.data.tokenizer import load_tokenizer
@@ -97,10 +96,12 @@ def run_step(engine, batches: list[list[dict]], counts: tuple[int, ...], cfg: Ru
     for i, per in enumerate(batches):
         if C == 1:
             b = per[0]
+            packed = ({k: b[k].to(device) for k in ("position_ids", "has_image")}
+                      if "position_ids" in b else {})  # tfx.data.packing
             sums = engine(input_ids=b["input_ids"].to(device),
                           pixel_values=b["pixel_values"].to(device), n_visual=counts[0],
                           attention_mask=b["attention_mask"].to(device),
-                          labels=b["labels"].to(device))[None]
+                          labels=b["labels"].to(device), **packed)[None]
         else:
             sums = engine(input_ids=tuple(b["input_ids"].to(device) for b in per),
                           pixel_values=per[0]["pixel_values"].to(device), n_visual=counts,
@@ -239,7 +240,7 @@ def steps(run: Run, stop: StopRequest, metrics: MetricsLogger, trace: SampleTrac
         counts = run.schedule.counts_at(step)
         t0 = time.perf_counter()
         micro = [run.stream.next_samples() for _ in range(cfg.train.grad_accum)]
-        batches = [[collate(samples, n, run.tok) for n in counts] for samples in micro]
+        batches = [[run.stream.collate(samples, n) for n in counts] for samples in micro]
         trace.write(step, [b for per in batches for b in per])
         stats = run_step(run.engine, batches, counts, cfg, run.device, stop.votes,
                          run.stream.skipped, run.scheduler, run.group_names, run.flop_model)
