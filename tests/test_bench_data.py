@@ -19,7 +19,7 @@ def test_bench_data_prints_padding_and_loader_tables(tmp_path):
                 for r in pad if r["N"] == n}
         assert rows[("bucketed", "128")] < rows[("bucketed", "16")] < rows[("random", "1")]
     load = list(csv.DictReader((out / "loader.csv").open()))
-    assert [r["workers"] for r in load] == ["1", "0", "2"]
+    assert [r["workers"] for r in load] == ["1", "1", "0", "2"]
     assert all(float(r["samples_per_s"]) > 0 for r in load)
     assert "| 64 | random | 1 |" in proc.stdout and (out / "data.png").stat().st_size > 0
     pack = {r["arrangement"]: r for r in csv.DictReader((out / "packing.csv").open())}

@@ -27,7 +27,7 @@ BATCH = 8
 def tiny_lm(vocab: int = 2048):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=128, intermediate_size=352,
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=704,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=4096, use_cache=False)
     torch.manual_seed(0)
