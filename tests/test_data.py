@@ -257,8 +257,8 @@ def test_large_jpegs_decode_at_reduced_size_as_the_processor_does():
     Image.fromarray(smooth).save(buf, "JPEG", quality=90)
     raw = {"__key__": "k", "jpg": buf.getvalue(), "json": conv().decode()}
     decoded = decode_sample(raw, SkipCounter(1, True), image_size=224)
-    assert decoded.image.size == (320, 240)
-    assert decode_sample(raw, SkipCounter(1, True)).image.size == (640, 480)  # no size: full
-    train = normalise(image_to_uint8(decoded.image, 224)[None], "siglip")
+    assert decoded.images[0].size == (320, 240)
+    assert decode_sample(raw, SkipCounter(1, True)).images[0].size == (640, 480)  # no size: full
+    train = normalise(image_to_uint8(decoded.images[0], 224)[None], "siglip")
     served = TokenFlexImageProcessor(image_size=224)(Image.open(io.BytesIO(raw["jpg"])))
     assert torch.equal(served["pixel_values"], train)

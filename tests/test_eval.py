@@ -43,7 +43,7 @@ def alone(model, sample, n, tok):
 
 def with_answer(sample, answer_ids):
     prompt = [i for i, lab in zip(sample.ids, sample.labels) if lab == IGNORE]
-    return TextSample(key=sample.key, pixels=sample.pixels, has_image=True,
+    return TextSample(key=sample.key, pixels=sample.pixels, images=1,
                       ids=prompt + answer_ids, labels=[IGNORE] * len(prompt) + answer_ids,
                       meta=sample.meta, family=sample.family)
 

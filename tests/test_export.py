@@ -34,10 +34,25 @@ torch.save({"logits": logits, "dtype": str(model.dtype),
 """
 
 
+def two_image_sample(a, b, tok):
+    """A sample with the pictures of `a` and `b`, interleaved with its question."""
+    from tfx.data.collate import TextSample
+    from tfx.data.tokenizer import encode_with_image
+
+    turns = [{"from": "human", "value": "First <image> then <image>: which has more red?"},
+             {"from": "gpt", "value": "red"}]
+    ids, labels = encode_with_image(tok, turns, 2)
+    return TextSample(key="two", pixels=torch.cat([a.pixels, b.pixels]), images=2, ids=ids,
+                      labels=labels, meta={}, family=a.family)
+
+
 def parity(run, out, tmp_path, counts=(4, 16, 36), atol=1e-5):
+    """Logits of the training model and of the export in a fresh process without tfx, at each
+    N, on a batch whose last row holds two images."""
     loaded = load_model(run)
     model, cfg, tok = loaded.model, loaded.cfg, loaded.tok
     samples = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))[:6]
+    samples[-1] = two_image_sample(samples[0], samples[1], tok)
     batches, expected = {}, {}
     for n in counts:
         b = collate(samples, n, tok)
@@ -97,7 +112,7 @@ def test_processor_matches_training_tokenisation(two_rank_run, tmp_path):
     question = sample.meta["conversations"][0]["value"].replace("<image>\n", "")
     from PIL import Image
 
-    image = Image.fromarray(sample.pixels.permute(1, 2, 0).numpy())
+    image = Image.fromarray(sample.pixels[0].permute(1, 2, 0).numpy())
     messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                              {"type": "text", "text": question}]}]
     for n in (1, 16, 49):
@@ -210,7 +225,7 @@ def test_batched_generate_equals_one_by_one(two_rank_run):
     samples = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))
     from PIL import Image
 
-    images = [Image.fromarray(s.pixels.permute(1, 2, 0).numpy()) for s in samples[:3]]
+    images = [Image.fromarray(s.pixels[0].permute(1, 2, 0).numpy()) for s in samples[:3]]
     questions = ["What color is the marked cell?", "Which color has the most cells?",
                  "Which color has the most cells? Answer with one word."]  # uneven: left pad
     prompts = [processor.apply_chat_template([{"role": "user", "content": [

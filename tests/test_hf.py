@@ -79,7 +79,7 @@ def test_auto_processor_and_pipeline_answer_like_tfx_eval(export, tmp_path):
     cases = []
     for i, s in enumerate(right):
         path = tmp_path / f"{i}.png"
-        Image.fromarray(s.pixels.permute(1, 2, 0).numpy()).save(path)
+        Image.fromarray(s.pixels[0].permute(1, 2, 0).numpy()).save(path)
         cases.append([str(path), s.meta["conversations"][0]["value"].replace("<image>\n", "")])
     proc = subprocess.run(["timeout", "300", sys.executable, "-c", PIPELINE, str(out),
                            json.dumps(cases)], capture_output=True, text=True, cwd=tmp_path)

@@ -1,5 +1,7 @@
-"""`tfx data llava`: a hand-made LLaVA JSON (multi-turn, text-only, unicode, a missing image)
-becomes shards + index.json with exact lengths, then trains and evaluates."""
+"""`tfx data llava`: a hand-made LLaVA JSON (multi-turn, text-only, unicode, several images
+interleaved with the text, a missing image, a tag mismatch) becomes shards + index.json with
+exact lengths, then trains on 2 ranks and evaluates; ranks with no image and with many tiles
+stay in step under ZeRO-3."""
 
 import io
 import json
@@ -39,6 +41,18 @@ def llava_records(images):
         {"from": "human", "value": "Farbe? 颜色? <image>"}, {"from": "gpt", "value": "weiß"}]})
     records.append({"id": "missing", "image": "nope.jpg", "conversations": [
         {"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "red"}]})
+    # several images, interleaved with the text (LLaVA-OneVision style: a list under image)
+    records.append({"id": "two", "image": ["img1.jpg", "sub/img2.png"], "conversations": [
+        {"from": "human", "value": "First <image> then <image>: which has more red?"},
+        {"from": "gpt", "value": "the second"}]})
+    records.append({"id": "three", "image": ["img3.jpg", "img5.jpg", "img7.jpg"],
+                    "conversations": [
+                        {"from": "human", "value": "<image> <image>\nAre these the same?"},
+                        {"from": "gpt", "value": "no"},
+                        {"from": "human", "value": "And this one? <image>"},
+                        {"from": "gpt", "value": "yes"}]})
+    records.append({"id": "tags-mismatch", "image": ["img1.jpg", "img3.jpg"], "conversations": [
+        {"from": "human", "value": "<image> which?"}, {"from": "gpt", "value": "red"}]})
     return records
 
 
@@ -54,16 +68,20 @@ def test_llava_json_converts_trains_and_evaluates(synth_dir, tmp_path):
                      str(out), "--tokenizer", tokenizer, "--max-count", "8", "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped record 42 (missing)" in result.stderr
+    assert "skipped record 45 (tags-mismatch)" in result.stderr
     index = read_index(out)
-    assert index["samples"] == len(records) - 1 and index["skipped"] == 1
+    assert index["samples"] == len(records) - 2 and index["skipped"] == 2
     assert len(index["shards"]) == 6 and all(s["samples"] <= 8 for s in index["shards"])
-    # exact lengths: the index agrees with tokenising each record again
+    # exact lengths: the index agrees with tokenising each record again, one marker per image
     tok = load_tokenizer(tokenizer)
     by_key = {sample_key(r, i): r for i, r in enumerate(records)}
     for shard in index["shards"]:
-        for key, length in zip(shard["keys"], shard["lengths"]):
+        for key, length, images in zip(shard["keys"], shard["lengths"], shard["images"]):
             r = by_key[key]
-            assert length == len(encode_with_image(tok, r["conversations"], "image" in r)[0])
+            names = r.get("image") or []
+            count = len(names) if isinstance(names, list) else 1
+            assert images == count
+            assert length == len(encode_with_image(tok, r["conversations"], count)[0])
     # and the shards hold what the records say: a text-only sample has no image member
     import webdataset as wds
 
@@ -71,20 +89,64 @@ def test_llava_json_converts_trains_and_evaluates(synth_dir, tmp_path):
                                                     shardshuffle=False)}
     assert "jpg" not in seen[sample_key(records[40], 40)]
     assert Image.open(io.BytesIO(seen[sample_key(records[3], 3)]["jpg"])).size == (32, 27)
+    three = seen[sample_key(records[44], 44)]
+    assert {"0.jpg", "1.jpg", "2.jpg"} <= set(three) and "jpg" not in three
+    assert {"0.jpg", "1.png"} <= set(seen[sample_key(records[43], 43)])
 
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
     raw["data"].update(train=str(out), eval=str(out), max_text_tokens=64)
     set_train(raw, max_steps=4, save_every=4)
     cfg = tmp_path / "llava.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    result = run_tfx("train", str(cfg), timeout=240)
+    result = run_tfx("train", str(cfg), "--nproc", "2", timeout=300)  # ZeRO-3 on 2 ranks
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "train set: 42 samples in 6 shards" in result.stderr
+    assert "train set: 44 samples in 6 shards" in result.stderr + result.stdout
     result = run_tfx("eval", str(tmp_path / "run"), "--counts", "4,16", "--out",
                      str(tmp_path / "ev"), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
-    assert report["samples"] == 42
+    assert report["samples"] == 44
+
+
+def test_ranks_with_no_and_many_images_stay_in_step_under_zero3(synth_dir, tmp_path):
+    """Two shards, one all text-only, one all samples of two images, the first of them cut
+    into 6 tiles + a thumbnail (`data.tiles`): every step one rank feeds no image and the
+    other 16 pictures, under ZeRO-3 on 2 ranks, for 20 steps, without a hang."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(images / "0.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / "1.png")
+    text = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Name a color."},
+                                              {"from": "gpt", "value": "red"}]}
+            for i in range(8)]
+    many = [{"id": f"m{i}", "image": ["0.png", "1.png"], "conversations": [
+        {"from": "human", "value": "<image> or <image>: which is redder?"},
+        {"from": "gpt", "value": "the first"}]} for i in range(8)]
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(text + many))
+    out = tmp_path / "shards"
+    result = run_tfx("data", "llava", "--json", str(src), "--images", str(images), "--out",
+                     str(out), "--tokenizer", str(synth_dir / "tokenizer.model"),
+                     "--max-count", "8", "--workers", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
+    raw["data"].update(train=str(out), max_text_tokens=64, micro_batch_size=2, bucket_batches=1,
+                       tiles={"max": 6})  # 3:2 -> 3 x 2 tiles + thumbnail; square -> 2 x 2 + 1
+    raw.setdefault("logging", {})["trace_samples"] = True
+    set_train(raw, max_steps=20, save_every=0, dist_timeout_s=60)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    result = run_tfx("train", str(cfg), "--nproc", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert len(rows) == 20
+    n_at = {r["step"] - 1: r["n_visual"] for r in rows}
+    fed = {}
+    for rank in (0, 1):
+        for t in map(json.loads, (tmp_path / "run" / "trace" / f"rank{rank}.jsonl").open()):
+            fed.setdefault(t["step"], []).append(sum(t["context_tokens"]) // n_at[t["step"]])
+    assert all(sorted(v) == [0, 2 * (7 + 5)] for v in fed.values()), fed
 
 
 def test_nothing_written_is_an_error_with_the_reasons(synth_dir, tmp_path):

@@ -43,7 +43,7 @@ def setup(synth_dir, tmp_path_factory):
     for k in (1, 4):
         s = picked[k]
         at = s.ids.index(tok.image_id)
-        picked[k] = dataclasses.replace(s, has_image=False, ids=s.ids[:at] + s.ids[at + 1:],
+        picked[k] = dataclasses.replace(s, images=0, ids=s.ids[:at] + s.ids[at + 1:],
                                         labels=s.labels[:at] + s.labels[at + 1:])
     return cfg, tok, picked
 
@@ -113,17 +113,20 @@ def stream_config(synth, tmp_path, **data):
 
 
 def test_packed_stream_restores_exactly_with_workers(synth_dir, mixed_len_dir, tmp_path):
-    """Keys consumed by (13 batches, save, restore, 17) == (30 batches), packing on, 2 loader
-    workers, token-budget batches."""
+    """Keys consumed by (13 batches, save, restore, 17) == (30 batches), packing and tiles on
+    (2 x 2 + thumbnail per image), 2 loader workers, token-budget batches."""
     import json
 
     from tfx.data.pipeline import TrainStream
 
     tok = load_tokenizer(synth_dir / "tokenizer.model")
     cfg = stream_config(synth_dir, tmp_path, train=str(mixed_len_dir), packing=True,
-                        token_budget=600, bucket_batches=4, num_workers=2)
+                        token_budget=1200, bucket_batches=4, num_workers=2,
+                        tiles={"max": 4})
     straight = TrainStream(cfg, tok, rank=0, world=1)
-    keys = [straight.next_batch(16)["keys"] for _ in range(30)]
+    batches = [straight.next_batch(16) for _ in range(30)]
+    keys = [b["keys"] for b in batches]
+    assert all(int(b["has_image"].sum()) == 5 * len(b["keys"]) for b in batches)  # 5 per image
     first = TrainStream(cfg, tok, rank=0, world=1)
     for _ in range(13):
         first.next_batch(16)

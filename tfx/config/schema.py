@@ -77,6 +77,16 @@ class TokensConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TilesConfig:
+    """High-resolution tiles (tfx.model.pixels): each image -> the aspect-matched grid of at
+    most `max` tiles of `size` px (plus a thumbnail when there is more than one), N visual
+    tokens per tile; max 1 keeps one square resize per image."""
+    max: int = 1
+    size: int = 0  # 0: the tower's model.vision.image_size
+    thumbnail: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train: str | tuple[str, ...]  # shard folder, brace pattern or list of .tar files
     eval: str | tuple[str, ...] | None = None
@@ -88,6 +98,7 @@ class DataConfig:
     # (with packing: rows of pack_tokens x their count)
     packing: bool = False  # several samples a row, attention kept inside each (tfx.data.packing)
     pack_tokens: int = 0  # row length when packing; 0: the longest sample, max_text_tokens + N + 2
+    tiles: TilesConfig = field(default_factory=TilesConfig)
     num_workers: int = 0  # DataLoader workers per rank (0: read in the training process)
     max_consecutive_errors: int = 100  # bad samples in a row before the run stops
     strict: bool = False  # raise on the first bad sample instead of skipping it
@@ -254,6 +265,7 @@ def _validate_train(c: RunConfig) -> None:
     t, d, o = c.train, c.data, c.optim
     for key, value in (("train.max_steps", t.max_steps), ("train.grad_accum", t.grad_accum),
                        ("data.micro_batch_size", d.micro_batch_size),
+                       ("data.tiles.max", d.tiles.max),
                        ("data.bucket_batches", d.bucket_batches),
                        ("data.max_text_tokens", d.max_text_tokens),
                        ("checkpoint.keep_last", c.checkpoint.keep_last),
@@ -263,7 +275,7 @@ def _validate_train(c: RunConfig) -> None:
             raise ConfigError(f"{key}: {value} must be >= 1")
     for key, value in (("checkpoint.save_every", c.checkpoint.save_every),
                        ("data.token_budget", d.token_budget), ("data.num_workers", d.num_workers),
-                       ("data.pack_tokens", d.pack_tokens),
+                       ("data.pack_tokens", d.pack_tokens), ("data.tiles.size", d.tiles.size),
                        ("debug.check_divergence_steps", c.debug.check_divergence_steps),
                        ("optim.lr", o.lr), ("optim.llm_lr", o.llm_lr),
                        ("optim.vision_lr", o.vision_lr), ("optim.weight_decay", o.weight_decay),

@@ -55,7 +55,7 @@ class SkipCounter:
 @dataclass
 class Decoded:
     key: str
-    image: Image.Image | None  # None for a text-only sample
+    images: list[Image.Image]  # in the order of their tags; empty for a text-only sample
     turns: list[dict]  # [{"from": "human"|"gpt", "value": str}, ...]
     meta: dict  # the whole JSON record (eval reads e.g. its "type")
 
@@ -76,18 +76,28 @@ def decode_sample(raw: dict, on_error: SkipCounter, image_size: int | None = Non
             raise ValueError("conversations must be a non-empty list of {from, value}")
         if not any(t["from"] == "gpt" for t in turns):
             raise ValueError("no gpt turn to learn from")
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        image = None
-        if ext is not None:
-            image = Image.open(io.BytesIO(raw[ext]))
+        images = []
+        for name in image_members(raw):
+            image = Image.open(io.BytesIO(raw[name]))
             if image_size:
                 draft_jpeg(image, image_size)
             image.load()
-            image = image.convert("RGB")
+            images.append(image.convert("RGB"))
     except (ValueError, KeyError, OSError, UnicodeDecodeError, Image.DecompressionBombError) as e:
         on_error(f"{type(e).__name__}: {e}", key=key, shard=shard)
         return None
-    return Decoded(key=key, image=image, turns=turns, meta=meta)
+    return Decoded(key=key, images=images, turns=turns, meta=meta)
+
+
+def image_members(raw: dict) -> list[str]:
+    """A sample's image members in order: `jpg` (one image), or `0.jpg`, `1.png`, ... (several,
+    as `tfx data llava` writes a list under `image`)."""
+    single = [e for e in IMAGE_EXTS if e in raw]
+    numbered = sorted((int(k.split(".", 1)[0]), k) for k in raw
+                      if k.split(".", 1)[0].isdigit() and k.split(".", 1)[-1] in IMAGE_EXTS)
+    if single and numbered:
+        raise ValueError("both a single image and numbered images")
+    return single[:1] if single else [k for _, k in numbered]
 
 
 def image_to_uint8(image: Image.Image | None, size: int) -> torch.Tensor:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from tfx.data.bucketing import first_fit_decreasing
-from tfx.data.collate import TextSample, expand_image
-from tfx.data.decode import normalise
+from tfx.data.collate import TextSample, expand_image, pixel_fields
 from tfx.data.tokenizer import IGNORE
 
 
@@ -72,9 +71,7 @@ def collate_packed(samples: list[TextSample], n_visual: int, tok, row_tokens: in
         "attention_mask": mask_RT,
         "position_ids": position_ids_RT,
         "labels": labels_RT,
-        "pixel_values": normalise(torch.stack([s.pixels for s in placed]), placed[0].family),
-        "has_image": torch.tensor([s.has_image for s in placed]),
-        "images": sum(s.has_image for s in placed),
+        **pixel_fields(placed),
         "n_visual": n_visual,
         "keys": [s.key for s in placed],
         "meta": [s.meta for s in placed],

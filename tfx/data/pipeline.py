@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tfx.config.schema import RunConfig
+from tfx.config.schema import RunConfig, TilesConfig
 from tfx.data.bucketing import LengthBucketer
 from tfx.data.collate import TextSample, collate
 from tfx.data.decode import Decoded, SkipCounter, decode_sample, image_to_uint8
@@ -20,13 +20,16 @@ from tfx.data.packing import collate_packed
 from tfx.data.shards import ShardStream, check_shard_count, expand_shards, iter_tar
 from tfx.data.tokenizer import IGNORE, encode_with_image
 from tfx.errors import DataError
+from tfx.model.pixels import tile_image
 
 
 def to_text_sample(d: Decoded, tok, image_size: int, family: str, max_text: int,
-                   skips: SkipCounter, shard: str | None = None) -> TextSample | None:
-    has_image = d.image is not None
+                   skips: SkipCounter, shard: str | None = None,
+                   tiles: TilesConfig | None = None) -> TextSample | None:
+    """`tiles` (max > 1): each image becomes its tiles (and thumbnail), each tile an image of
+    its own with its own marker, in the order `tfx.model.pixels.tile_image` gives."""
     try:
-        ids, labels = encode_with_image(tok, d.turns, has_image)
+        ids, labels = encode_with_image(tok, d.turns, len(d.images))
     except ValueError as e:
         skips(str(e), key=d.key, shard=shard)
         return None
@@ -37,8 +40,34 @@ def to_text_sample(d: Decoded, tok, image_size: int, family: str, max_text: int,
     if all(label == IGNORE for label in labels):
         skips("no supervised token", key=d.key, shard=shard)
         return None
-    return TextSample(key=d.key, pixels=image_to_uint8(d.image, image_size), family=family,
-                      has_image=has_image, ids=ids, labels=labels, meta=d.meta)
+    pictures = d.images
+    if tiles is not None and tiles.max > 1 and d.images:
+        cut = [tile_image(im, tiles.size or image_size, tiles.max, tiles.thumbnail)
+               for im in d.images]
+        ids, labels = repeat_markers(ids, labels, tok.image_id, [len(c) for c in cut])
+        pictures = [tile for c in cut for tile in c]
+    pixels = torch.stack([image_to_uint8(im, image_size) for im in pictures or [None]])
+    return TextSample(key=d.key, pixels=pixels, family=family, images=len(pictures), ids=ids,
+                      labels=labels, meta=d.meta)
+
+
+def repeat_markers(ids: list[int], labels: list[int], marker_id: int, times: list[int]
+                   ) -> tuple[list[int], list[int]]:
+    """The j-th image marker -> `times[j]` markers (one per tile)."""
+    out_ids, out_labels, j = [], [], 0
+    for i, lab in zip(ids, labels):
+        k = 1
+        if i == marker_id:
+            k, j = times[j], j + 1
+        out_ids += [i] * k
+        out_labels += [lab] * k
+    return out_ids, out_labels
+
+
+def draft_size(cfg: RunConfig) -> int | None:
+    """The side JPEGs may be decoded down to: the tower's input; none when tiling (tiles are
+    cut from the full-size decode, as the exported processor does)."""
+    return cfg.model.vision.image_size if cfg.data.tiles.max <= 1 else None
 
 
 def row_tokens(cfg: RunConfig) -> int:
@@ -67,11 +96,13 @@ class ReaderStream:
     def _samples(self) -> Iterator[TextSample]:
         v = self.cfg.model.vision
         for raw in self.shards:
-            decoded = decode_sample(raw, self.skips, v.image_size)
+            tiles = self.cfg.data.tiles
+            decoded = decode_sample(raw, self.skips, draft_size(self.cfg))
             if decoded is None:
                 continue
             sample = to_text_sample(decoded, self.tok, v.image_size, v.family,
-                                    self.cfg.data.max_text_tokens, self.skips, raw["__shard__"])
+                                    self.cfg.data.max_text_tokens, self.skips, raw["__shard__"],
+                                    tiles)
             if sample is not None:
                 self.skips.ok()
                 yield sample
@@ -207,9 +238,10 @@ def read_eval_samples(spec, cfg: RunConfig, tok, skips: SkipCounter) -> list[Tex
     out = []
     for url in expand_shards(spec, "data.eval"):
         for raw in iter_tar(url, skips):
-            decoded = decode_sample(raw, skips, v.image_size)
+            decoded = decode_sample(raw, skips, draft_size(cfg))
             sample = decoded and to_text_sample(decoded, tok, v.image_size, v.family,
-                                                cfg.data.max_text_tokens, skips, url)
+                                                cfg.data.max_text_tokens, skips, url,
+                                                cfg.data.tiles)
             if sample:
                 skips.ok()
                 out.append(sample)

@@ -1,8 +1,8 @@
-"""Chat tokenisation: conversation turns -> token ids with one image marker, and answer labels.
+"""Chat tokenisation: conversation turns -> token ids with one marker per image, and labels.
 
-Data flow position: decode -> **tokenize** -> bucketing -> collate. The image marker is a single
-id here; collate expands it to `<img>` + N x `<IMG_CONTEXT>` + `</img>` once N is known, so the
-exact total length (text + N + 2) is known without decoding twice.
+Data flow position: decode -> **tokenize** -> bucketing -> collate. Each image marker is a
+single id here; collate expands it to the image block (`tfx.model.image_block`) once N is
+known, so the exact total length (text + images x (N + 1)) is known without decoding twice.
 Two back-ends: SentencePiece (the demo's own model, trained by `tfx data synth`) and a local HF
 tokenizer folder with its chat template (real LLMs).
 """
@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfx.errors import ConfigError
+from tfx.model.image_block import IMAGE_TAG, IMG_CONTEXT, IMG_END, IMG_START
 
 IGNORE = -100
-IMAGE_TAG = "<image>"
-IMG_START, IMG_CONTEXT, IMG_END = "<img>", "<IMG_CONTEXT>", "</img>"
 USER_TAG, ASSISTANT_TAG = "<|user|>", "<|assistant|>"
 SP_SYMBOLS = [IMAGE_TAG, IMG_START, IMG_CONTEXT, IMG_END, USER_TAG, ASSISTANT_TAG]
 
@@ -142,15 +141,18 @@ class HFChat:
         return Path(folder)
 
 
-def encode_with_image(tok, turns: list[dict], has_image: bool) -> tuple[list[int], list[int]]:
-    """Ids and labels of a conversation with at most one image marker. LLaVA convention: an
-    image without a tag goes before the first question. ValueError on a tag/image mismatch."""
+def encode_with_image(tok, turns: list[dict], images: int) -> tuple[list[int], list[int]]:
+    """Ids and labels of a conversation with one image marker per image, where its `<image>`
+    tag stands (interleaved with the text). LLaVA convention: a single image without a tag
+    goes before the first question. ValueError on a tag/image mismatch."""
     turns = [dict(t) for t in turns]
+    images = int(images)
     tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
-    if has_image and tags == 0:
+    if images == 1 and tags == 0:
         turns[0]["value"] = IMAGE_TAG + "\n" + turns[0]["value"]
-    if tags > 1 or (not has_image and tags):
-        raise ValueError(f"{tags} {IMAGE_TAG} tags for {int(has_image)} image")
+        tags = 1
+    if tags != images:
+        raise ValueError(f"{tags} {IMAGE_TAG} tags for {images} image{'s' * (images != 1)}")
     return tok.encode_conversation(turns)
 
 

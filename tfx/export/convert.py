@@ -31,7 +31,7 @@ from tfx.train.load import load_model
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
 REMOTE_CODE = ("configuration_tokenflex.py", "modeling_tokenflex.py", "projector.py",
-               "processing_tokenflex.py", "pixels.py")
+               "processing_tokenflex.py", "pixels.py", "image_block.py")
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_tokenflex.TokenFlexProcessor",
                       "AutoImageProcessor": "processing_tokenflex.TokenFlexImageProcessor"}
 AUTO_MAP = {"AutoConfig": "configuration_tokenflex.TokenFlexConfig",
@@ -109,7 +109,10 @@ def processor_for(cfg: RunConfig, tok) -> TokenFlexProcessor:
     family = vision_family(cfg.model.vision.family)
     images = TokenFlexImageProcessor(image_size=cfg.model.vision.image_size,
                                      image_mean=list(family.pixel_mean),
-                                     image_std=list(family.pixel_std))
+                                     image_std=list(family.pixel_std),
+                                     max_tiles=cfg.data.tiles.max,
+                                     tile_size=cfg.data.tiles.size,
+                                     thumbnail=cfg.data.tiles.thumbnail)
     return TokenFlexProcessor(images, hf_tokenizer(cfg, tok),
                               num_visual_tokens=cfg.model.default_visual_tokens)
 

@@ -1,11 +1,12 @@
 """Hugging Face model of an exported TokenFLEX VLM: vision tower -> projector(N) -> causal LM.
 
-Self-contained (torch + transformers, plus `projector.py` and `configuration_tokenflex.py` beside
-it; an EfficientNet tower also needs the PyPI package `efficientnet-lite-pytorch`): `tfx
-convert` copies these files into the exported folder for `trust_remote_code`, and
-`tfx.register_auto_classes()` registers the classes with the Auto classes. The training model
-(`tfx.model.vlm.TokenFlexVLM`) uses `splice_visual` from here, so both write visual tokens the
-same way. N is read from the prompt: the processor writes N `<IMG_CONTEXT>` ids per image, and
+Self-contained (torch + transformers, plus `projector.py`, `image_block.py` and
+`configuration_tokenflex.py` beside it; an EfficientNet tower also needs the PyPI package
+`efficientnet-lite-pytorch`): `tfx convert` copies these files into the exported folder for
+`trust_remote_code`, and `tfx.register_auto_classes()` registers the classes with the Auto
+classes. The training model (`tfx.model.vlm.TokenFlexVLM`) and this one write visual tokens
+with the same `splice_visual` (`image_block.py`). N is read from the prompt: the processor
+writes N `<IMG_CONTEXT>` ids per image (several images per prompt: one `<image>` tag each), and
 `num_visual_tokens=N` (in `forward` or `generate`) is checked against them. Attention runs
 through transformers' attention registry in both sub-models (`attn_implementation=` picks any
 registered function), which the Transformers serving backends of vLLM and SGLang rely on.
@@ -19,21 +20,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from .configuration_tokenflex import TokenFlexConfig
+from .image_block import splice_visual
 from .projector import TokenAdaptiveProjector
-
-
-def splice_visual(embeds_BTD: torch.Tensor, input_ids_BT: torch.Tensor, visual_IND: torch.Tensor,
-                  context_id: int) -> torch.Tensor:
-    """Write the N visual embeddings of each image, in order (row by row, left to right), at
-    the context placeholders."""
-    slots_BT = input_ids_BT == context_id
-    images, n_visual = visual_IND.shape[:2]
-    found = int(slots_BT.sum())
-    if found != images * n_visual:
-        raise ValueError(f"{found} image placeholders for {images} images of N={n_visual}")
-    return embeds_BTD.masked_scatter(slots_BT[..., None],
-                                     visual_IND.reshape(-1, visual_IND.shape[-1])
-                                     .to(embeds_BTD.dtype))
 
 
 class EfficientNetTower(nn.Module):

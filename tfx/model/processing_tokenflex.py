@@ -27,33 +27,61 @@ from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .pixels import square_rgb
+from .image_block import IMAGE_TAG, IMG_CONTEXT, IMG_END, IMG_START, block_ids
+from .pixels import square_rgb, tile_image
 
-IMAGE_TAG, IMG_START, IMG_CONTEXT, IMG_END = "<image>", "<img>", "<IMG_CONTEXT>", "</img>"
+
+def _tags_per_tile(texts: list[str], tags: list[int], tiles: list[int]) -> list[str]:
+    """Each text's j-th image tag -> one tag per tile of that image (images in text order; an
+    untagged text with one image gets its tag first, as in training)."""
+    out, k = [], 0
+    for text, count in zip(texts, tags):
+        if IMAGE_TAG not in text and count:
+            text = IMAGE_TAG + "\n" + text
+        parts = text.split(IMAGE_TAG)
+        joined = parts[0]
+        for part in parts[1:]:
+            joined += IMAGE_TAG * tiles[k] + part
+            k += 1
+        out.append(joined)
+    return out
 
 
 class TokenFlexImageProcessor(BaseImageProcessor):
     model_input_names = ["pixel_values"]
 
     def __init__(self, image_size: int = 224, image_mean=(0.5, 0.5, 0.5),
-                 image_std=(0.5, 0.5, 0.5), **kwargs):
+                 image_std=(0.5, 0.5, 0.5), max_tiles: int = 1, tile_size: int = 0,
+                 thumbnail: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.image_size = image_size
         self.image_mean, self.image_std = list(image_mean), list(image_std)
+        # training's data.tiles: max_tiles 1 is one square resize per image
+        self.max_tiles, self.tile_size, self.thumbnail = max_tiles, tile_size, thumbnail
+
+    def pictures(self, image: Image.Image) -> list[Image.Image]:
+        """What the tower sees of one image: itself, or its tiles (and thumbnail)."""
+        return tile_image(image, self.tile_size or self.image_size, self.max_tiles,
+                          self.thumbnail)
 
     def preprocess(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
+        """`pixel_values`: every picture of every image in order; `tiles_per_image`: how many
+        of them each image gave (each gets its own image block)."""
         images = [images] if isinstance(images, Image.Image) else list(images)
         mean, std = np.float32(self.image_mean), np.float32(self.image_std)
-        out = []
+        out, per_image = [], []
         for image in images:
             if not isinstance(image, Image.Image):
                 image = Image.fromarray(np.asarray(image))
-            image = square_rgb(image, self.image_size)
-            arr = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
-            out.append(torch.from_numpy(arr).permute(2, 0, 1))
+            pictures = self.pictures(image)
+            per_image.append(len(pictures))
+            for picture in pictures:
+                arr = np.asarray(square_rgb(picture, self.image_size), dtype=np.float32)
+                out.append(torch.from_numpy((arr / 255.0 - mean) / std).permute(2, 0, 1))
         pixels = torch.stack(out).contiguous() if out else torch.zeros(0, 3, self.image_size,
                                                                        self.image_size)
-        return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
+        return BatchFeature({"pixel_values": pixels, "tiles_per_image": per_image},
+                            tensor_type=None)
 
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
@@ -83,7 +111,7 @@ class TokenFlexProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
     def image_block(self, n_visual: int) -> list[int]:
-        return [self.image_start_id] + [self.image_token_id] * n_visual + [self.image_end_id]
+        return block_ids(n_visual, self.image_start_id, self.image_token_id, self.image_end_id)
 
     def row_ids(self, text: str, images: int, n_visual: int) -> list[int]:
         """A text's ids with each `<image>` expanded to its block (one image: tag added)."""
@@ -115,6 +143,10 @@ class TokenFlexProcessor(ProcessorMixin):
             tags = [1] * len(texts)
         if sum(tags) != len(images):
             raise ValueError(f"{sum(tags)} {IMAGE_TAG} tags but {len(images)} images")
+        pictures = self.image_processor(images) if images else None
+        if pictures is not None and any(k > 1 for k in pictures["tiles_per_image"]):
+            texts = _tags_per_tile(texts, tags, pictures["tiles_per_image"])
+            tags = [t.count(IMAGE_TAG) for t in texts]
         rows = [self.row_ids(t, k if IMAGE_TAG not in t else 0, n_visual)
                 for t, k in zip(texts, tags)]
         T = max(map(len, rows))
@@ -125,8 +157,8 @@ class TokenFlexProcessor(ProcessorMixin):
             input_ids[b, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
             mask[b, T - len(ids):] = 1
         data = {"input_ids": input_ids, "attention_mask": mask, "num_visual_tokens": n_visual}
-        if images:
-            data["pixel_values"] = self.image_processor(images)["pixel_values"]
+        if pictures is not None:
+            data["pixel_values"] = pictures["pixel_values"]
         if return_mm_token_type_ids:
             data["mm_token_type_ids"] = torch.tensor(self.create_mm_token_type_ids(input_ids))
         return BatchFeature(data, tensor_type=None)

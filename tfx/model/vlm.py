@@ -16,9 +16,9 @@ from torch import nn
 
 from tfx.config.schema import ModelConfig
 from tfx.data.tokenizer import IGNORE
+from tfx.model.image_block import grid_side, real_image_mask, splice_visual
 from tfx.model.llm import build_llm
 from tfx.model.loss import shifted_targets
-from tfx.model.modeling_tokenflex import splice_visual
 from tfx.model.projector import TokenAdaptiveProjector
 from tfx.model.vision import VisionTower
 
@@ -63,8 +63,7 @@ class TokenFlexVLM(nn.Module):
 
     def visual_tokens(self, feats_BTC: torch.Tensor, n_visual: int) -> torch.Tensor:
         """The tower's (B, H*W, C) grid -> (B, N, D) visual tokens."""
-        n = int(round(n_visual ** 0.5))
-        return self.projector(feats_BTC, self.vision.grid_hw, n)
+        return self.projector(feats_BTC, self.vision.grid_hw, grid_side(n_visual))
 
     def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor, n_visual: int,
               feats_BTC: torch.Tensor | None = None,
@@ -72,13 +71,13 @@ class TokenFlexVLM(nn.Module):
         """`feats_BTC`: the tower's output for `pixel_values` when already computed (eval at
         several N runs the tower once per batch). `has_image`: which entries of
         `pixel_values` are real images, in placeholder order; needed when rows are packed
-        (several samples a row), else read from the rows (one sample a row)."""
+        (several samples a row), else counted from the rows (`real_image_mask`)."""
         embeds_BTD = self.llm.get_input_embeddings()(input_ids_BT)
         if feats_BTC is None:
             feats_BTC = self.vision(pixel_values.to(embeds_BTD.dtype))
         visual_BND = self.visual_tokens(feats_BTC, n_visual).to(embeds_BTD.dtype)
         if has_image is None:
-            has_image = (input_ids_BT == self.image_ids.context).any(dim=1)
+            has_image = real_image_mask(input_ids_BT, self.image_ids.context, n_visual)
         embeds_BTD = splice_visual(embeds_BTD, input_ids_BT, visual_BND[has_image.bool()],
                                    self.image_ids.context)
         # Rows without an image still ran the tower: keep it in the graph with weight 0.

@@ -1,13 +1,16 @@
 """`tfx data llava`: LLaVA-format JSON/JSONL + an image folder -> WebDataset shards + index.json.
 
-Input records: `{"id", "image" (optional: text-only), "conversations": [{"from": "human"|"gpt",
-"value"}]}` with an optional `<image>` tag. Records are grouped into shards of at most
-`max_count` samples and `max_bytes` of image data, in input order, then the shards are written
-by a pool of processes (deterministic names `{prefix}-000000.tar`, ...). Each sample holds the
-image file's bytes (its own extension) and the record as JSON. A record whose image is missing,
-or whose conversation does not tokenise, is skipped and counted, never written.
-`index.json` lists per shard its sample count and each sample's exact text-token length (with
-the given tokenizer), so a run knows its epoch length and the length mix without decoding.
+Input records: `{"id", "image" (optional: text-only; a file name, or a list of them for several
+images), "conversations": [{"from": "human"|"gpt", "value"}]}` with one `<image>` tag per image
+where it goes (interleaved; one image may go untagged, before the first question). Records are
+grouped into shards of at most `max_count` samples and `max_bytes` of image data, in input
+order, then the shards are written by a pool of processes (deterministic names
+`{prefix}-000000.tar`, ...). Each sample holds the image files' bytes (`jpg`, or `0.jpg`,
+`1.png`, ... for several) and the record as JSON. A record whose image is missing, or whose
+conversation does not tokenise, is skipped and counted, never written. `index.json` lists per
+shard its sample count, each sample's exact text-token length (with the given tokenizer, one
+marker per image) and its image count, so a run knows its epoch length and the exact length
+mix at any N (text + images x (N + 1)) without decoding.
 """
 
 from __future__ import annotations
@@ -44,12 +47,21 @@ def sample_key(record: dict, i: int) -> str:
     return f"{i:08d}_" + re.sub(r"[^0-9A-Za-z_-]", "_", raw)[:64]
 
 
+def image_names(record: dict) -> list:
+    """`image`: absent (text-only), one file name, or a list of them (several images, one
+    `<image>` tag each where it goes in the text)."""
+    image = record.get("image")
+    if not image:
+        return []
+    return list(image) if isinstance(image, list) else [image]
+
+
 def plan_shards(records: list[dict], images: Path, max_count: int, max_bytes: int
                 ) -> list[list[int]]:
     shards, current, size = [], [], 0
     for i, record in enumerate(records):
-        name = record.get("image")
-        nbytes = (images / name).stat().st_size if name and (images / name).is_file() else 0
+        nbytes = sum((images / name).stat().st_size for name in image_names(record)
+                     if isinstance(name, str) and (images / name).is_file())
         if current and (len(current) >= max_count or size + nbytes > max_bytes):
             shards.append(current)
             current, size = [], 0
@@ -81,32 +93,37 @@ def write_shard(job: tuple) -> dict:
 
     path, indices, records, images, tokenizer = job
     tok = load_tokenizer(tokenizer)
-    lengths, keys, skipped = [], [], []
+    lengths, counts, keys, skipped = [], [], [], []
     with wds.TarWriter(str(path)) as sink:
         for i, record in zip(indices, records):
             key = sample_key(record, i)
-            name = record.get("image")
             try:
+                names = image_names(record)
                 turns = record["conversations"]
                 if not isinstance(turns, list) or not all(
                         isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
                     raise TypeError("conversations must be a list of {from, value}")
-                ids, _ = encode_with_image(tok, turns, has_image=bool(name))
+                ids, _ = encode_with_image(tok, turns, len(names))
                 sample = {"__key__": key, "json": json.dumps(record).encode()}
-                if name:
+                for k, name in enumerate(names):
+                    if not isinstance(name, str):
+                        raise TypeError(f"image {name!r}: not a file name")
                     ext = Path(name).suffix.lower().lstrip(".")
                     if ext not in IMAGE_EXTS:
                         raise ValueError(f"image {name}: extension not in {IMAGE_EXTS}")
-                    sample[ext] = (images / name).read_bytes()
+                    # one image: `jpg`; several: `0.jpg`, `1.png`, ... (tfx.data.decode)
+                    sample[ext if len(names) == 1 else f"{k}.{ext}"] = \
+                        (images / name).read_bytes()
             except (KeyError, TypeError, ValueError, OSError) as e:
                 skipped.append((skip_reason(e), f"record {i} ({record.get('id')}): "
                                 f"{type(e).__name__}: {e}"))
                 continue
             sink.write(sample)
             lengths.append(len(ids))
+            counts.append(len(names))
             keys.append(key)
-    return {"name": path.name, "samples": len(keys), "lengths": lengths, "keys": keys,
-            "skipped": skipped}
+    return {"name": path.name, "samples": len(keys), "lengths": lengths, "images": counts,
+            "keys": keys, "skipped": skipped}
 
 
 def build_llava(json_path: str | Path, images: str | Path, out: str | Path, *, tokenizer: str,
