@@ -53,7 +53,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check tfx kernels tests
 
 test: $(STAMP) $(REAL_STAMP) debian-deps lint
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs -n 2 --dist loadfile
 
 # The GPU check (launchers/device-check.sh): DRY=1 runs it on this CPU at tiny sizes.
 DRY ?= 0

@@ -174,7 +174,7 @@ def test_triton_projector_trains_like_pytorch_under_zero3(synth_dir, tmp_path):
 
     losses = {}
     for kernel in ("triton", "torch"):
-        cfg, run = tiny_run_config(synth_dir, tmp_path, kernel, max_steps=2, save_every=0,
+        cfg, run = tiny_run_config(synth_dir, tmp_path, kernel, max_steps=1, save_every=0,
                                    save_at_end=False)
         result = run_tfx("train", str(cfg), f"model.projector.kernel={kernel}", "--nproc", "2",
                          timeout=300)

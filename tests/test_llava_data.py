@@ -94,7 +94,8 @@ def test_llava_json_converts_trains_and_evaluates(synth_dir, tmp_path):
     assert {"0.jpg", "1.png"} <= set(seen[sample_key(records[43], 43)])
 
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
-    raw["data"].update(train=str(out), eval=str(out), max_text_tokens=64)
+    raw["data"].update(train=str(out), eval=str(out), max_text_tokens=64,
+                       tiles={"max": 4})  # uneven sizes: 1 x 1, 2 x 1, ... grids + thumbnails
     set_train(raw, max_steps=4, save_every=4)
     cfg = tmp_path / "llava.yaml"
     cfg.write_text(yaml.safe_dump(raw))

@@ -126,7 +126,7 @@ def step_gpu_tests(out: Path, dry: bool, budget: float) -> str:
 
 def step_kernel(out: Path, dry: bool, budget: float) -> str:
     args = ["bench", "kernel", "--out", str(out / "kernel")]
-    args += ["--small", "--reps", "2", "--no-compile"] if dry else \
+    args += ["--small", "--reps", "1", "--no-compile"] if dry else \
         ["--encoders", "siglip", "--batches", "64", "--counts", "64,256", "--reps", "20"]
     result = tfx(*args, timeout=budget - 5)
     if result.returncode != 0:
