@@ -164,3 +164,14 @@ def two_rank_run(tmp_path_factory, synth_dir) -> tuple[Path, Path]:
         capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cfg, run
+
+
+def pytest_sessionstart(session):
+    """Build DeepSpeed's CPU comm op once, before any test (and before xdist starts its
+    workers): otherwise the first 2-rank test of a clean clone pays the 25-130 s JIT build
+    inside its own time limits."""
+    if hasattr(session.config, "workerinput") or os.environ.get("DS_ACCELERATOR") != "cpu":
+        return
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
