@@ -85,3 +85,75 @@ def test_missing_source_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("DataError:")
     assert "apt-get install dataset-fashion-mnist" in result.stderr
+
+
+def z(a):
+    a = np.asarray(a, float).ravel()
+    return (a - a.mean()) / (a.std() + 1e-9)
+
+
+def test_mixed_benchmark_answers_match_real_labels_and_splits_share_no_item(tmp_path):
+    """Every answer recomputed from the question text and the real IDX labels of the items the
+    sample names; every cell of the image is that item (shrunk back to 28 px); the red frame is
+    in the asked cell; the four splits draw from disjoint items."""
+    out = tmp_path / "mixed"
+    result = run_tfx("data", "fashion-mnist", "--mixed", "--out", str(out), "--train", "80",
+                     "--router", "40", "--calib", "40", "--eval", "60", "--per-shard", "30",
+                     timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "info.json").read_text())
+    assert info["mixed"] and info["grids"] == [1, 2, 3, 4, 6]
+    raw = {"train": read_split(Path(DEBIAN_DIR), "train"),
+           "test": read_split(Path(DEBIAN_DIR), "eval")}
+    used, sides, kinds = {}, set(), set()
+    for split in ("train", "router", "calib", "eval"):
+        images, labels = raw[info["splits"][split]["source"]]
+        shards = sorted(str(p) for p in (out / split).glob("*.tar"))
+        samples = list(wds.WebDataset(shards, shardshuffle=False))
+        assert len(samples) == info["splits"][split]["samples"]
+        used[split] = set()
+        for s in samples:
+            meta = json.loads(s["json"])
+            q, a = (t["value"].removeprefix("<image>\n") for t in meta["conversations"])
+            items = meta["items"]
+            k = int(round(len(items) ** 0.5))
+            assert k * k == len(items) and len(set(items)) == len(items)
+            used[split] |= set(items)
+            sides.add(k)
+            kinds.add(meta["type"])
+            names = [CLASSES[int(labels[i])] for i in items]
+            rgb = Image.open(io.BytesIO(s["png"])).convert("RGB")
+            assert rgb.size == (192, 192)
+            small = np.asarray(rgb.resize((28 * k, 28 * k), Image.BOX)).astype(float)
+            red = (small[..., 0] - small[..., 1]) > 150
+            inner = slice(FRAME + 1, 28 - FRAME - 1)
+            own = np.stack([z(images[i][inner, inner]) for i in items])
+            for r in range(k):
+                for c in range(k):
+                    cell = small[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28, 1][inner, inner]
+                    corr = own @ z(cell) / cell.size  # against every item of the sample
+                    assert corr[r * k + c] > 0.75 and corr.argmax() == r * k + c, (
+                        split, s["__key__"], r, c, corr)
+            if meta["type"] == "cell":
+                r, c = (ORDINAL.index(w.strip("?,")) for w in q.split() if w.strip("?,")
+                        in ORDINAL)
+                assert r < k and c < k and a == names[r * k + c] and not red.any()
+            elif meta["type"] == "marked":
+                ys, xs = np.nonzero(red)
+                r, c = int(np.median(ys)) // 28, int(np.median(xs)) // 28
+                assert q == "What is in the red box?" and a == names[r * k + c]
+            else:
+                target = q.removeprefix("How many ").removesuffix(" items are there?")
+                assert target in CLASSES and a == str(names.count(target)) and not red.any()
+    train_range = info["splits"]["train"]["items"]
+    assert max(used["train"]) < train_range[1] <= min(used["router"] | used["calib"])
+    assert not used["router"] & used["calib"]
+    assert info["splits"]["eval"]["source"] == "test"
+    assert sides == {1, 2, 3, 4, 6} and kinds == {"cell", "marked", "count"}
+
+
+def test_mixed_with_a_fixed_grid_is_one_line(tmp_path):
+    result = run_tfx("data", "fashion-mnist", "--mixed", "--grid", "3", "--out",
+                     str(tmp_path / "o"), timeout=60)
+    assert result.returncode == 2
+    assert "drop --grid/--cell" in result.stderr.strip().splitlines()[-1]

@@ -323,22 +323,48 @@ def cmd_data(argv: list[str]) -> None:
                     "(default: Debian's /usr/share/datasets/fashion-mnist)")
     fm.add_argument("--train", type=int, default=20000)
     fm.add_argument("--eval", type=int, default=1000)
-    fm.add_argument("--grid", type=int, default=3, help="items per side")
-    fm.add_argument("--cell", type=int, default=28, help="pixels per item (28: original)")
+    fm.add_argument("--grid", type=int, default=None, help="items per side (default 3)")
+    fm.add_argument("--cell", type=int, default=None, help="pixels per item (default 28)")
     fm.add_argument("--per-shard", type=int, default=1000)
-    fm.add_argument("--questions", default="cell:0.7,count:0.3",
-                    help="question kinds with weights, from cell, count, marked")
+    fm.add_argument("--questions", default=None,
+                    help="question kinds with weights, from cell, count, marked (default "
+                         "cell:0.7,count:0.3; with --mixed cell:0.4,marked:0.3,count:0.3)")
+    fm.add_argument("--mixed", action="store_true",
+                    help="the mixed-difficulty benchmark: grid sides from --grids, splits "
+                         "train/router/calib/eval")
+    fm.add_argument("--grids", default="1,2,3,4,6", help="with --mixed: grid sides")
+    fm.add_argument("--router", type=int, default=3000, help="with --mixed: router samples")
+    fm.add_argument("--calib", type=int, default=1500, help="with --mixed: calib samples")
+    fm.add_argument("--image-size", type=int, default=192, help="with --mixed: pixels a side")
     fm.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     def go():
+        if args.what == "fashion-mnist" and args.mixed:
+            from tfx.data.builders import fashion_mnist as fm
+            from tfx.errors import ConfigError
+
+            if args.grid is not None or args.cell is not None:
+                raise ConfigError("--mixed draws grid sides from --grids and sizes images by "
+                                  "--image-size: drop --grid/--cell")
+            info = fm.build_mixed(
+                args.out, source=args.source or fm.DEBIAN_DIR, train=args.train,
+                router=args.router, calib=args.calib, eval=args.eval,
+                grids=fm.parse_grids(args.grids), image_size=args.image_size,
+                kinds=fm.parse_kinds(args.questions) if args.questions else fm.MIXED_KINDS,
+                per_shard=args.per_shard, seed=args.seed)
+            sizes = ", ".join(f"{v['samples']} {k}" for k, v in info["splits"].items())
+            print(f"wrote {sizes} mixed grids (sides {info['grids']}, {info['image_size']} px) "
+                  f"and {info['tokenizer']} under {args.out}")
+            return
         if args.what == "fashion-mnist":
             from tfx.data.builders.fashion_mnist import DEBIAN_DIR, build_fashion_mnist, parse_kinds
 
             info = build_fashion_mnist(args.out, source=args.source or DEBIAN_DIR,
-                                       train=args.train, eval=args.eval, grid=args.grid,
-                                       cell=args.cell, per_shard=args.per_shard, seed=args.seed,
-                                       kinds=parse_kinds(args.questions))
+                                       train=args.train, eval=args.eval, grid=args.grid or 3,
+                                       cell=args.cell or 28, per_shard=args.per_shard,
+                                       seed=args.seed,
+                                       kinds=parse_kinds(args.questions or "cell:0.7,count:0.3"))
             print(f"wrote {info['train']} train / {info['eval']} eval grids "
                   f"({info['image_size']} px) and {info['tokenizer']} under {args.out}")
             return
