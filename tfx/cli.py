@@ -248,7 +248,10 @@ def without_flag(argv: list[str], flag: str) -> list[str]:
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tfx eval", description="Accuracy at each N.")
     p.add_argument("checkpoint", help="run folder (its latest checkpoint) or a checkpoint folder")
-    p.add_argument("--counts", required=True, help="comma list of N, e.g. 4,16,36,64")
+    p.add_argument("--counts", default=None, help="comma list of N, e.g. 4,16,36,64")
+    p.add_argument("--auto", action="store_true",
+                   help="the router's curve (accuracy against mean visual tokens) and its "
+                        "operating point, run for real; needs `tfx router train RUN` first")
     p.add_argument("--data", default=None, help="eval shards (default: the run's data.eval)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None,
@@ -265,6 +268,9 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def cmd_eval(argv: list[str]) -> None:
     args = eval_parser().parse_args(argv)
+    if args.auto and (args.nproc > 1 or args.every_checkpoint or args.counts):
+        raise SystemExit("tfx eval --auto: runs in one process on the latest checkpoint, with "
+                         "the router's own ladder; drop --nproc/--every-checkpoint/--counts")
     if args.nproc > 1 and "RANK" not in os.environ:
         _cpu_env_defaults()
         from tfx.train.dist import free_port
@@ -277,9 +283,21 @@ def cmd_eval(argv: list[str]) -> None:
 
     def go():
         _cpu_env_defaults()
+        from tfx.errors import ConfigError
         from tfx.eval.runner import parse_counts, run_eval
         from tfx.train.dist import init_process_group, rank
 
+        if args.auto:
+            from tfx.auto.report import run_auto
+
+            report = run_auto(args.checkpoint, data=args.data, batch_size=args.batch_size,
+                              out=args.out, device=args.device, dtype=args.dtype)
+            print(report["table"])
+            for line in report["written"]:
+                print(line)
+            return
+        if args.counts is None:
+            raise ConfigError("tfx eval: give --counts N,N,... (or --auto)")
         init_process_group()  # under a launcher: one share of the batches per rank
         if args.every_checkpoint:
             from tfx.eval.curve import run_curve
@@ -471,7 +489,8 @@ def cmd_generate(argv: list[str]) -> None:
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--visual-tokens", default=None,
-                   help="N, or a comma list to compare (default: the model's)")
+                   help="N, a comma list to compare, or auto (the router picks N per image); "
+                        "default: the model's N")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on a GPU)")
@@ -559,7 +578,18 @@ def cmd_backbones(argv: list[str]) -> None:
     _run(go)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "bench": cmd_bench,
+def cmd_router(argv: list[str]) -> None:
+    def go():
+        _cpu_env_defaults()
+        from tfx.auto.cli import main as router_main
+
+        router_main(argv)
+
+    _run(go)
+
+
+COMMANDS = {"train": cmd_train, "router": cmd_router, "eval": cmd_eval, "data": cmd_data,
+            "bench": cmd_bench,
             "convert": cmd_convert, "generate": cmd_generate, "plan": cmd_plan,
             "experiment": cmd_experiment, "backbones": cmd_backbones}
 

@@ -46,11 +46,13 @@ def unseen_count(trained: list[int], side: int) -> int:
     return (ns[-1] + 1) ** 2 if ns[-1] < side else max(1, ns[0] - 1) ** 2
 
 
-def check_weights(model, folder: Path, dtype: torch.dtype) -> dict:
+def check_weights(model, folder: Path, dtype: torch.dtype,
+                  extra: dict[str, torch.Tensor] | None = None) -> dict:
+    """`extra`: exported tensors that are not the training model's (the router's)."""
     from tfx.model import export_names
 
     theirs = exported_state(folder)
-    ours = {export_names.to_hf(k): v for k, v in model.state_dict().items()}
+    ours = {export_names.to_hf(k): v for k, v in model.state_dict().items()} | (extra or {})
     missing = sorted(set(ours) - set(theirs))
     extra = sorted(set(theirs) - set(ours))
     differ = [k for k in sorted(set(ours) & set(theirs))
@@ -102,7 +104,9 @@ def run_check(src: str | Path, folder: str | Path) -> tuple[str, bool]:
     loaded = load_model(src)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
         json.loads((folder / "config.json").read_text()).get("dtype", "float32")]
-    weights = check_weights(loaded.model, folder, dtype)
+    from tfx.export.convert import run_router
+
+    weights = check_weights(loaded.model, folder, dtype, run_router(loaded)[1])
     trained = sorted(loaded.cfg.tokens.counts)
     counts = trained + [unseen_count(trained, loaded.cfg.model.vision.grid_side)]
     rows = check_logits(loaded, folder, sorted(set(counts)))

@@ -31,7 +31,7 @@ from tfx.train.load import load_model
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
 REMOTE_CODE = ("configuration_tokenflex.py", "modeling_tokenflex.py", "projector.py",
-               "processing_tokenflex.py", "pixels.py", "image_block.py")
+               "processing_tokenflex.py", "pixels.py", "image_block.py", "router.py")
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_tokenflex.TokenFlexProcessor",
                       "AutoImageProcessor": "processing_tokenflex.TokenFlexImageProcessor"}
 AUTO_MAP = {"AutoConfig": "configuration_tokenflex.TokenFlexConfig",
@@ -56,7 +56,8 @@ def vision_config(model: TokenFlexVLM, cfg: RunConfig) -> dict:
             "patch_size": family.patch_size, "hidden_size": family.width}
 
 
-def hf_config(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexConfig:
+def hf_config(model: TokenFlexVLM, cfg: RunConfig, tok,
+              router: dict | None = None) -> TokenFlexConfig:
     text = model.llm.config.to_dict()
     text["use_cache"] = True  # training turns the KV cache off; generation wants it
     side = cfg.model.vision.grid_side
@@ -67,7 +68,27 @@ def hf_config(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexConfig:
         max_visual_tokens=side * side, image_token_id=tok.image_id,
         image_start_id=tok.img_start_id, image_context_id=tok.img_ctx_id,
         image_end_id=tok.img_end_id, bos_token_id=getattr(tok, "bos_id", None),
-        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, router=router)
+
+
+def run_router(loaded) -> tuple[dict | None, dict]:
+    """(router config, router weights) of `tfx router train` beside the run, when it was
+    trained on this checkpoint; (None, {}) otherwise."""
+    folder = loaded.run_dir / "router"
+    if not (folder / "router.json").is_file():
+        return None, {}
+    from tfx.auto.fit import load_router
+
+    router, meta = load_router(folder)
+    if meta.get("tag") != loaded.tag:
+        from tfx.log import get_logger
+
+        get_logger(__name__).warning(
+            f"{folder} was trained on {meta.get('tag')}, not {loaded.tag}: not exported "
+            f"(run `tfx router train` on this checkpoint for num_visual_tokens='auto')")
+        return None, {}
+    keep = ("ladder", "tau", "in_dim", "hidden")
+    return {k: meta[k] for k in keep}, {f"router.{k}": v for k, v in router.state_dict().items()}
 
 
 def rename_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,10 +98,12 @@ def rename_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"unexpected weight {e.args[0]!r} in the training model") from None
 
 
-def to_hf(model: TokenFlexVLM, cfg: RunConfig, tok) -> TokenFlexForConditionalGeneration:
-    """The exported model with the training model's weights."""
-    hf = TokenFlexForConditionalGeneration(hf_config(model, cfg, tok))
-    hf.load_state_dict(rename_state(model.state_dict()), strict=True)
+def to_hf(model: TokenFlexVLM, cfg: RunConfig, tok, router: tuple[dict | None, dict] = (None, {})
+          ) -> TokenFlexForConditionalGeneration:
+    """The exported model with the training model's weights (and the router's, if given:
+    `run_router`)."""
+    hf = TokenFlexForConditionalGeneration(hf_config(model, cfg, tok, router[0]))
+    hf.load_state_dict(rename_state(model.state_dict()) | router[1], strict=True)
     hf.generation_config.eos_token_id = tok.eos_id
     hf.generation_config.pad_token_id = tok.pad_id
     return hf.eval()
@@ -166,7 +189,8 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "fp32", config: st
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        write_folder(to_hf(model, cfg, tok), processor_for(cfg, tok), tmp, dtype,
+        write_folder(to_hf(model, cfg, tok, run_router(loaded)), processor_for(cfg, tok), tmp,
+                     dtype,
                      max_shard_size)
         write_card(tmp, cfg, loaded.run_dir, tag, final=out)
         if out.exists():

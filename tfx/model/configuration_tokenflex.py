@@ -44,6 +44,9 @@ class TokenFlexConfig(PreTrainedConfig):
     image_context_id: int = 0
     image_end_id: int = 0
     tie_word_embeddings: bool = False
+    # the auto-budget router (`tfx router train`), when exported with one: {"ladder": [N...],
+    # "tau": threshold, "in_dim": features, "hidden": MLP width}; None: no "auto" N
+    router: dict | None = None
 
     def __post_init__(self, **kwargs):
         for key, default in DEFAULT_TYPES.items():

@@ -7,7 +7,11 @@ Self-contained (torch + transformers, plus `projector.py`, `image_block.py` and
 classes. The training model (`tfx.model.vlm.TokenFlexVLM`) and this one write visual tokens
 with the same `splice_visual` (`image_block.py`). N is read from the prompt: the processor
 writes N `<IMG_CONTEXT>` ids per image (several images per prompt: one `<image>` tag each), and
-`num_visual_tokens=N` (in `forward` or `generate`) is checked against them. Attention runs
+`num_visual_tokens=N` (in `forward` or `generate`) is checked against them. An export with a
+router (`tfx router train`, then `tfx convert`) also takes `generate(..., num_visual_tokens=
+"auto")`: the router reads the tower's grid and the prompt, picks N per image, the prompt's
+image block is rebuilt at that N and each row is generated on its own (rows may get different
+N); `choose_num_visual_tokens(**inputs)` gives the choice alone. Attention runs
 through transformers' attention registry in both sub-models (`attn_implementation=` picks any
 registered function), which the Transformers serving backends of vLLM and SGLang rely on.
 Shape legend: B batch, I images, T sequence, N visual tokens, D LLM width.
@@ -22,6 +26,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from .configuration_tokenflex import TokenFlexConfig
 from .image_block import splice_visual
 from .projector import TokenAdaptiveProjector
+from .router import SufficiencyRouter, choose, prompt_embedding, router_features
 
 
 class EfficientNetTower(nn.Module):
@@ -72,6 +77,9 @@ class TokenFlexForConditionalGeneration(TokenFlexPreTrainedModel, GenerationMixi
             config.vision_config.hidden_size, config.text_config.hidden_size,
             hidden=config.projector_hidden_size, pool=config.pool, kernel="auto")
         self.drop_cls = config.vision_config.model_type == "clip_vision_model"
+        r = config.router
+        self.router = (SufficiencyRouter(r["in_dim"], len(r["ladder"]), r["hidden"])
+                       if r else None)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -121,6 +129,63 @@ class TokenFlexForConditionalGeneration(TokenFlexPreTrainedModel, GenerationMixi
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,
                                    labels=labels, use_cache=use_cache, **kwargs)
+
+
+    @torch.no_grad()
+    def choose_num_visual_tokens(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor,
+                                 attention_mask: torch.Tensor | None = None, **kwargs
+                                 ) -> list[int]:
+        """The router's N for each row (one image per row) of a processor's batch."""
+        if self.router is None:
+            raise ValueError("this export has no router: num_visual_tokens='auto' needs "
+                             "`tfx router train RUN` before `tfx convert`")
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"num_visual_tokens='auto' takes one image per row; got "
+                             f"{pixel_values.shape[0]} images for {input_ids.shape[0]} rows")
+        c = self.config
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        image = torch.isin(input_ids, torch.tensor(
+            [c.image_token_id, c.image_start_id, c.image_context_id, c.image_end_id],
+            device=input_ids.device))
+        question = prompt_embedding(self.get_input_embeddings()(input_ids),
+                                    mask.bool() & ~image)
+        ladder = c.router["ladder"]
+        feats = router_features(self.vision_grid(pixel_values), c.grid_side,
+                                [int(round(n ** 0.5)) for n in ladder], question)
+        return choose(self.router(feats), ladder, c.router["tau"])
+
+    def at_visual_tokens(self, ids: list[int], n_visual: int) -> list[int]:
+        """A one-image prompt's ids with its image block rebuilt at N."""
+        ctx = self.config.image_context_id
+        slots = [i for i, t in enumerate(ids) if t == ctx]
+        return ids[:slots[0]] + [ctx] * n_visual + ids[slots[-1] + 1:]
+
+    def generate(self, *args, num_visual_tokens=None, **kwargs):
+        if num_visual_tokens != "auto":
+            if num_visual_tokens is not None:
+                kwargs["num_visual_tokens"] = num_visual_tokens
+            return super().generate(*args, **kwargs)
+        input_ids = kwargs.pop("input_ids", args[0] if args else None)
+        pixel_values = kwargs.pop("pixel_values")
+        mask = kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        chosen = self.choose_num_visual_tokens(input_ids, pixel_values, mask)
+        new_tokens = []
+        for b, n in enumerate(chosen):  # one row at a time: rows may differ in N
+            row = self.at_visual_tokens(input_ids[b][mask[b].bool()].tolist(), n)
+            ids = torch.tensor([row], device=input_ids.device)
+            out = super().generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   pixel_values=pixel_values[b:b + 1], num_visual_tokens=n,
+                                   **kwargs)
+            new_tokens.append(out[0, ids.shape[1]:])
+        self.last_num_visual_tokens = chosen
+        pad = self.generation_config.pad_token_id or 0
+        width = max(len(t) for t in new_tokens)
+        tail = torch.full((len(chosen), width), pad, dtype=input_ids.dtype,
+                          device=input_ids.device)
+        for b, t in enumerate(new_tokens):
+            tail[b, :len(t)] = t
+        return torch.cat([input_ids, tail], dim=1)  # new tokens after the prompt as given
 
 
 __all__ = ["TokenFlexForConditionalGeneration", "TokenFlexPreTrainedModel", "splice_visual"]

@@ -1,0 +1,193 @@
+"""The auto visual-token budget (tfx.model.router, tfx.auto): the pooling residual is the
+variance pooling throws away, consistency labels are "the answer at this N and every larger N is
+the top N's", `tfx router train` + `tfx eval --auto` run the chosen operating point for real
+and get what the simulation read off the outcome table, and an export's
+`generate(..., num_visual_tokens="auto")` in a fresh process without tfx picks the same N and
+gives the same answers as `tfx eval --auto`."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tfx.auto.outcomes import Outcomes
+from tfx.data.decode import SkipCounter
+from tfx.data.pipeline import read_eval_samples
+from tfx.model.router import SufficiencyRouter, choose, pooling_residuals
+from tfx.train.load import load_model
+
+from conftest import last_line, run_tfx, set_train, tiny_config_yaml
+
+
+def test_pooling_residuals_are_the_within_bin_variance_share():
+    torch.manual_seed(0)
+    side = 6
+    x = torch.randn(3, side * side, 5, dtype=torch.float64) + 2.0
+    got = pooling_residuals(x, side, [1, 2, 4, 5, 6])
+    grid = x.transpose(1, 2).reshape(3, 5, side, side)
+    total = grid.var(dim=(2, 3), unbiased=False).sum(1)
+    for k, n in enumerate([1, 2, 4, 5, 6]):  # 4 and 5: overlapping adaptive bins
+        want = []
+        for b in range(3):
+            per_bin = []
+            for i in range(n):
+                for j in range(n):
+                    r0, r1 = (i * side) // n, -((-(i + 1) * side) // n)
+                    c0, c1 = (j * side) // n, -((-(j + 1) * side) // n)
+                    cell = grid[b, :, r0:r1, c0:c1].reshape(5, -1)
+                    per_bin.append(cell.var(dim=1, unbiased=False).sum())
+            want.append(torch.stack(per_bin).mean() / total[b])
+        torch.testing.assert_close(got[:, k].double(), torch.stack(want), atol=1e-5, rtol=0)
+    assert torch.allclose(got[:, 0], torch.ones(3, dtype=got.dtype))  # 1x1 keeps no detail
+    assert got[:, -1].abs().max() < 1e-5  # the full grid keeps all of it
+    # a constant-per-2x2-block grid loses nothing at n = 3 (each bin is one block)
+    block = torch.randn(1, 5, 3, 3).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    flat = block.reshape(1, 5, 36).transpose(1, 2)
+    assert pooling_residuals(flat, side, [3])[0, 0] < 1e-5
+
+
+def test_consistency_labels_and_the_choice():
+    answers = [["a", "b", "b", "b"],  # settles at rung 1
+               ["x", "x", "y", "x"],  # equal at rung 0 but not at rung 2: only the top
+               ["c", "c", "c", "c"]]
+    t = Outcomes([1, 4, 9, 16], ["k0", "k1", "k2"], ["cell"] * 3, [1, 2, 3], answers,
+                 torch.zeros(3, 4, dtype=torch.bool), torch.zeros(3, 2))
+    assert t.stable_SK().tolist() == [[False, True, True, True], [False, False, False, True],
+                                      [True, True, True, True]]
+    assert t.oracle_rung().tolist() == [1, 3, 0]
+    q = torch.tensor([[0.2, 0.7, 0.9, 1.0], [0.1, 0.1, 0.3, 1.0]])
+    assert choose(q, [1, 4, 9, 16], 0.5) == [4, 16]
+    assert choose(q, [1, 4, 9, 16], 0.05) == [1, 1]
+    router = SufficiencyRouter(2, 4)
+    out = router(torch.randn(50, 2))
+    assert (out.diff(dim=1) >= 0).all() and (out[:, -1] == 1).all()  # monotone in N
+
+
+@pytest.fixture(scope="module")
+def routed(synth_dir, tmp_path_factory):
+    """A tiny flex run, its router, `tfx eval --auto`, and its export. Trained briefly (40
+    steps): its answers still depend on N, so the router's choices differ between samples
+    (longer, it collapses onto the majority answer, the same at every N)."""
+    folder = tmp_path_factory.mktemp("auto")
+    raw = yaml.safe_load(tiny_config_yaml(synth_dir, folder / "run"))
+    set_train(raw, max_steps=40, save_every=0, trace_samples=False)
+    (folder / "run.yaml").write_text(yaml.safe_dump(raw))
+    run = folder / "run"
+    result = run_tfx("train", str(folder / "run.yaml"), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    missing = run_tfx("eval", str(run), "--auto", timeout=120)
+    assert missing.returncode == 2 and "tfx router train" in last_line(missing)
+    result = run_tfx("router", "train", str(run), "--router-data", str(synth_dir / "train"),
+                     "--calib-data", str(synth_dir / "eval"), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "router for N in [1, 4, 9, 16, 25, 36]" in result.stdout
+    ev = run_tfx("eval", str(run), "--auto", timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    out = folder / "export"
+    conv = run_tfx("convert", str(run), str(out), "--check", timeout=300)
+    assert conv.returncode == 0, conv.stderr[-2000:]  # the router's weights count too
+    assert "parity passed" in conv.stdout
+    return run, out, ev.stdout
+
+
+def test_eval_auto_runs_the_operating_point_as_simulated(routed):
+    run, _, stdout = routed
+    report = json.loads((run / "eval-auto" / "auto.json").read_text())
+    meta = json.loads((run / "router" / "router.json").read_text())
+    assert report["tau"] == meta["tau"] and report["ladder"] == [1, 4, 9, 16, 25, 36]
+    op, live = report["operating_point"], report["live"]
+    assert live["accuracy"] == pytest.approx(op["accuracy"])
+    assert live["tokens"] == pytest.approx(op["tokens"])
+    per = report["per_sample"]
+    assert len(per) == report["samples"] == 64
+    assert live["tokens"] == pytest.approx(sum(v["n"] for v in per.values()) / len(per))
+    assert report["oracle"]["accuracy"] == pytest.approx(report["fixed"][-1]["accuracy"])
+    assert report["oracle"]["tokens"] <= 36
+    assert {p["tau"] for p in report["router"]} >= {0.5, 0.9}
+    assert 0 < report["cost"]["router_s_per_image"] and report["cost"]["router_mlp_macs"] > 0
+    assert "consistency oracle" in stdout and (run / "eval-auto" / "auto.png").is_file()
+    for kind in report["by_type"].values():
+        assert 0 <= kind["accuracy"] <= 1 and kind["samples"] > 0
+
+
+def test_router_train_again_keeps_the_previous_router(routed, synth_dir):
+    run, _, _ = routed
+    before = (run / "router" / "router.json").read_text()
+    result = run_tfx("router", "train", str(run), "--router-data", str(synth_dir / "eval"),
+                     "--calib-data", str(synth_dir / "eval"), "--ladder", "4,16,36",
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kept = list((run / "router" / "history").glob("*/router.json"))
+    assert len(kept) == 1 and kept[0].read_text() == before
+    assert json.loads((run / "router" / "router.json").read_text())["ladder"] == [4, 16, 36]
+    # put the first router back for the other tests of this module
+    for name in ("router.json", "router.safetensors"):
+        (kept[0].parent / name).replace(run / "router" / name)
+    kept[0].parent.rmdir()
+
+
+def test_export_auto_in_a_fresh_process_matches_eval_auto(routed, tmp_path):
+    run, out, _ = routed
+    config = json.loads((out / "config.json").read_text())
+    assert config["router"]["ladder"] == [1, 4, 9, 16, 25, 36]
+    assert (out / "router.py").is_file()
+    report = json.loads((run / "eval-auto" / "auto.json").read_text())
+    result = run_tfx("router", "check", str(out), str(run), "--samples", "12", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = sorted({v["n"] for v in report["per_sample"].values()})
+    assert len(counts) >= 2, f"the router chose one N for every sample: {counts}"
+    assert (f"12 samples (chosen N {counts}) in a fresh transformers process without tfx: "
+            f"N equal for 12, answers equal for 12") in result.stdout
+    # the same through the command line, on one sample of the eval set
+    loaded = load_model(run)
+    s = read_eval_samples(loaded.cfg.data.eval, loaded.cfg, loaded.tok,
+                          SkipCounter(10, False))[0]
+    from PIL import Image
+
+    path = tmp_path / "one.png"
+    Image.fromarray(s.pixels[0].permute(1, 2, 0).numpy()).save(path)
+    question = s.meta["conversations"][0]["value"].replace("<image>\n", "")
+    cli = run_tfx("generate", "--model", str(out), "--image", str(path), "--prompt", question,
+                  "--visual-tokens", "auto", "--max-new-tokens", "8", timeout=120)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    want = report["per_sample"][s.key]
+    assert f"N=auto | (chose N={want['n']}) {want['answer']}".strip() in cli.stdout
+
+
+def test_router_check_catches_a_different_router(routed, tmp_path):
+    """A router whose threshold differs from the one eval --auto ran: the check fails."""
+    run, out, _ = routed
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    config = json.loads((other / "config.json").read_text())
+    config["router"]["tau"] = 1.0  # always the top rung
+    (other / "config.json").write_text(json.dumps(config))
+    result = run_tfx("router", "check", str(other), str(run), "--samples", "8", timeout=300)
+    assert result.returncode == 2
+    assert "AutoMismatch" in last_line(result)
+
+
+def test_auto_without_a_router_is_a_clear_error(two_rank_run, tmp_path):
+    _, run = two_rank_run
+    out = tmp_path / "plain"
+    assert run_tfx("convert", str(run), str(out), timeout=180).returncode == 0
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(png)
+    result = run_tfx("generate", "--model", str(out), "--image", str(png), "--prompt", "hi",
+                     "--visual-tokens", "auto", timeout=120)
+    assert result.returncode == 2
+    assert "has no router" in last_line(result)
+
+
+def test_residual_features_do_not_depend_on_the_batch():
+    """The export routes one image at a time and tfx eval a batch: same features."""
+    torch.manual_seed(1)
+    x = torch.randn(8, 36, 16)
+    whole = pooling_residuals(x, 6, [1, 2, 3, 4, 5, 6])
+    alone = torch.cat([pooling_residuals(x[i:i + 1], 6, [1, 2, 3, 4, 5, 6]) for i in range(8)])
+    torch.testing.assert_close(whole, alone, atol=1e-6, rtol=0)

@@ -1,0 +1,1 @@
+"""The automatic visual-token budget: outcome tables, the router, its curve."""

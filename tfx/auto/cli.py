@@ -1,0 +1,56 @@
+"""`tfx router train RUN` and `tfx router check EXPORT RUN`: the command-line face of
+`tfx.auto.fit` and `tfx.auto.check` (`tfx eval RUN --auto` and `tfx generate --visual-tokens
+auto` use the router `train` writes)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def router_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tfx router", description="The auto visual-token budget.")
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train", help="fit the router on the flex model's own answers at each N")
+    t.add_argument("run", help="run folder (its latest checkpoint) or a checkpoint folder")
+    t.add_argument("--router-data", default=None,
+                   help="held-out shards for the router's labels (default: router/ beside the "
+                        "run's eval data)")
+    t.add_argument("--calib-data", default=None,
+                   help="held-out shards for the threshold (default: calib/ beside them)")
+    t.add_argument("--ladder", default=None,
+                   help="the counts the router picks from (default: every n*n up to the "
+                        "largest trained N)")
+    t.add_argument("--keep", type=float, default=0.99,
+                   help="the threshold is the cheapest keeping this share of the top N's "
+                        "accuracy on the calib split")
+    t.add_argument("--hidden", type=int, default=64, help="router MLP width")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--device", default=None)
+    t.add_argument("--dtype", default=None)
+    c = sub.add_parser("check", help="an export's num_visual_tokens='auto', in a fresh "
+                       "process without tfx, against tfx eval RUN --auto")
+    c.add_argument("export", help="the folder `tfx convert RUN` wrote")
+    c.add_argument("run", help="the run folder `tfx eval --auto` wrote eval-auto/ in")
+    c.add_argument("--samples", type=int, default=64)
+    return p
+
+
+def main(argv: list[str]) -> None:
+    args = router_parser().parse_args(argv)
+    if args.what == "check":
+        from tfx.auto.check import AutoMismatch, run_router_check
+
+        result = run_router_check(args.export, args.run, args.samples)
+        print(result["line"])
+        if not result["ok"]:
+            bad = [r for r in result["rows"] if (r["want"]["n"], r["want"]["answer"])
+                   != (r["got"]["n"], r["got"]["answer"])][:3]
+            raise AutoMismatch(f"the export routes or answers differently: {bad}")
+        return
+    from tfx.auto.fit import run_router_train
+
+    result = run_router_train(args.run, args.router_data, args.calib_data, args.ladder,
+                              args.keep, args.batch_size, args.hidden, args.seed, args.device,
+                              args.dtype)
+    print(result["line"])

@@ -1,0 +1,165 @@
+"""`tfx router train RUN`: the sufficiency router, trained on the flex model's own answers.
+
+Data flow position: checkpoint -> outcome tables of the `router` and `calib` splits
+(`tfx.auto.outcomes`) -> **router fit (router split) -> threshold (calib split)** -> router/
+beside the run's checkpoints: `router.safetensors` (weights) and `router.json` (ladder,
+threshold, features, the calibration curve). Labels need no answer key: "N_k suffices" when
+the answer at N_k and at every larger rung equals the top rung's answer. The threshold is the
+cheapest one whose calibration accuracy keeps `keep` (default 99%) of the top rung's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tfx.auto.outcomes import Outcomes, build_outcomes, default_ladder, parse_ladder
+from tfx.errors import ConfigError
+from tfx.log import get_logger
+from tfx.model.router import SufficiencyRouter, choose
+
+log = get_logger(__name__)
+TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999]
+
+
+def fit_router(table: Outcomes, hidden: int = 64, steps: int = 600, lr: float = 3e-3,
+               weight_decay: float = 1e-2, seed: int = 0) -> SufficiencyRouter:
+    """BCE per rung on the consistency labels; features standardised on the training set."""
+    torch.manual_seed(seed)
+    x = table.feats_SF.float()
+    y = table.stable_SK()[:, :-1].float()
+    router = SufficiencyRouter(x.shape[1], len(table.ladder), hidden)
+    router.shift.copy_(x.mean(0))
+    router.scale.copy_(x.std(0).clamp_min(1e-6))
+    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+    router.train()
+    for step in range(steps):
+        loss = F.binary_cross_entropy_with_logits(router.logits(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    log.info(f"router fit: {steps} full-batch steps, final BCE {loss.item():.4f} on "
+             f"{len(x)} samples")
+    return router.eval()
+
+
+def policy_point(table: Outcomes, choices: list[int]) -> dict:
+    """Accuracy and mean visual tokens when each sample runs once at its chosen N."""
+    index = {n: k for k, n in enumerate(table.ladder)}
+    picked = torch.tensor([index[n] for n in choices])
+    hits = table.hits_SK[torch.arange(len(choices)), picked]
+    return {"accuracy": hits.float().mean().item(), "tokens": sum(choices) / len(choices)}
+
+
+@torch.no_grad()
+def threshold_curve(router: SufficiencyRouter, table: Outcomes) -> list[dict]:
+    q = router(table.feats_SF)
+    return [{"tau": tau} | policy_point(table, choose(q, table.ladder, tau)) for tau in TAUS]
+
+
+def pick_threshold(curve: list[dict], top_accuracy: float, keep: float) -> dict:
+    """The cheapest point whose accuracy is >= keep * the top rung's (the top rung itself,
+    tau = 1, when none is)."""
+    ok = [p for p in curve if p["accuracy"] >= keep * top_accuracy]
+    return min(ok, key=lambda p: (p["tokens"], -p["accuracy"])) if ok else None
+
+
+def save_router(router: SufficiencyRouter, folder: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "router.json").is_file():  # never overwritten: the old one moves aside
+        import time
+
+        old = folder / "history" / time.strftime(
+            "%Y%m%d-%H%M%S", time.localtime((folder / "router.json").stat().st_mtime))
+        old.mkdir(parents=True, exist_ok=True)
+        for name in ("router.json", "router.safetensors"):
+            if (folder / name).is_file():
+                (folder / name).replace(old / name)
+        log.info(f"kept the previous router in {old}")
+    tmp = folder / "router.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in router.state_dict().items()}, str(tmp))
+    tmp.replace(folder / "router.safetensors")
+    (folder / "router.json.tmp").write_text(json.dumps(meta, indent=2))
+    (folder / "router.json.tmp").replace(folder / "router.json")
+
+
+def load_router(folder: Path) -> tuple[SufficiencyRouter, dict]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "router.json").read_text())
+    router = SufficiencyRouter(meta["in_dim"], len(meta["ladder"]), meta["hidden"])
+    router.load_state_dict(load_file(str(folder / "router.safetensors")))
+    return router.eval(), meta
+
+
+def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
+                        hidden: int = 64, seed: int = 0) -> tuple[SufficiencyRouter, dict]:
+    router = fit_router(train, hidden=hidden, seed=seed)
+    curve = threshold_curve(router, calib)
+    top = calib.hits_SK[:, -1].float().mean().item()
+    point = pick_threshold(curve, top, keep)
+    if point is None:  # no threshold keeps enough: always the top rung
+        point = {"tau": 1.0, "accuracy": top, "tokens": float(calib.ladder[-1])}
+    meta = {"ladder": train.ladder, "tau": point["tau"], "keep": keep, "hidden": hidden,
+            "in_dim": train.feats_SF.shape[1], "seed": seed,
+            "features": "pooling residuals at each rung, grid mean, grid std, prompt "
+                        "embedding (tfx/model/router.py)",
+            "train_samples": len(train.keys), "calib_samples": len(calib.keys),
+            "calib": {"top_accuracy": top, "point": point, "curve": curve}}
+    return router, meta
+
+
+def split_data(loaded, given: str | None, split: str) -> str:
+    """`given`, else the `split` folder beside the run's eval data (`tfx data fashion-mnist
+    --mixed` writes train/, router/, calib/ and eval/ side by side)."""
+    if given:
+        return given
+    from tfx.train import runfolder
+
+    spec = loaded.cfg.data.eval
+    if not isinstance(spec, str):
+        raise ConfigError(f"no --{split}-data given and data.eval is not one folder")
+    folder = Path(runfolder.resolve_path(spec, loaded.run_dir, "data.eval", f"--{split}-data"))
+    guess = folder.parent / split
+    if not guess.is_dir():
+        raise ConfigError(f"{guess} not found: pass --{split}-data DIR (held-out samples the "
+                          "model was not trained on)")
+    return str(guess)
+
+
+def run_router_train(path: str, router_data: str | None = None, calib_data: str | None = None,
+                     ladder: str | None = None, keep: float = 0.99, batch_size: int = 64,
+                     hidden: int = 64, seed: int = 0, device: str | None = None,
+                     dtype: str | None = None) -> dict:
+    from tfx.eval.runner import default_device, default_dtype, eval_samples
+    from tfx.train.load import load_model
+
+    if not 0 < keep <= 1:
+        raise ConfigError(f"--keep {keep}: a share of the top rung's accuracy in (0, 1]")
+    device = default_device(device)
+    loaded = load_model(path, device=device, dtype=default_dtype(dtype, device))
+    side = loaded.cfg.model.vision.grid_side
+    rungs = parse_ladder(ladder, side) if ladder else default_ladder(
+        list(loaded.cfg.tokens.counts), side)
+    tables = {}
+    for split, given in (("router", router_data), ("calib", calib_data)):
+        samples, _ = eval_samples(loaded, split_data(loaded, given, split))
+        tables[split] = build_outcomes(loaded.model, samples, loaded.tok, rungs, batch_size,
+                                       what=f"({split})")
+    router, meta = train_and_calibrate(tables["router"], tables["calib"], keep, hidden, seed)
+    meta |= {"checkpoint": str(path), "tag": loaded.tag,
+             "grid_side": side, "oracle_calib_tokens": policy_point(
+                 tables["calib"], [rungs[k] for k in tables["calib"].oracle_rung().tolist()])}
+    folder = loaded.run_dir / "router"
+    save_router(router, folder, meta)
+    point = meta["calib"]["point"]
+    return {"folder": str(folder), "meta": meta,
+            "line": f"router for N in {rungs}: tau {point['tau']} keeps "
+                    f"{point['accuracy']:.3f} (top rung {meta['calib']['top_accuracy']:.3f}) "
+                    f"at {point['tokens']:.1f} mean visual tokens on the calib split; wrote "
+                    f"{folder}/router.safetensors and router.json"}

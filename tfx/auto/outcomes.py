@@ -1,0 +1,111 @@
+"""The outcome table: for every sample and every rung N of a ladder, the model's greedy answer,
+whether it is right, and the router's input features. Every auto-budget policy (fixed N, the
+mixing line, the consistency oracle, the router at any threshold) is read off this table.
+
+Data flow position: checkpoint + eval shards -> vision (once per batch) -> **greedy answer at
+each N + router features** -> router training (`tfx.auto.fit`) and the curve
+(`tfx.auto.report`). Shape legend: S samples, K rungs, F features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tfx.data.collate import pixel_fields
+from tfx.errors import ConfigError
+from tfx.eval.decode import greedy_answers, prompt_and_reference, question_embeddings
+from tfx.log import get_logger
+from tfx.model.router import router_features
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Outcomes:
+    ladder: list[int]
+    keys: list[str]
+    kinds: list[str]  # question type per sample
+    grids: list[int]  # grid side per sample (0 when the data does not say)
+    answers: list[list[str]]  # [sample][rung] decoded answer
+    hits_SK: torch.Tensor  # bool: the answer at rung k is the reference
+    feats_SF: torch.Tensor  # router features
+
+    def stable_SK(self) -> torch.Tensor:
+        """True where the answer at rung k, and at every larger rung, is the top rung's answer:
+        the consistency label ("N_k suffices")."""
+        same = torch.tensor([[a == row[-1] for a in row] for row in self.answers])
+        return same.flip(1).cummin(dim=1).values.flip(1)
+
+    def oracle_rung(self) -> torch.Tensor:
+        """(S,) index of the smallest sufficient rung."""
+        return self.stable_SK().int().argmax(dim=1)
+
+    def to_dict(self) -> dict:
+        return {"ladder": self.ladder, "keys": self.keys, "kinds": self.kinds,
+                "grids": self.grids, "answers": self.answers, "hits": self.hits_SK,
+                "features": self.feats_SF}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Outcomes":
+        return cls(d["ladder"], d["keys"], d["kinds"], d["grids"], d["answers"], d["hits"],
+                   d["features"])
+
+
+def default_ladder(trained: list[int], side: int) -> list[int]:
+    """Every n*n from 1 up to the largest trained count."""
+    return [n * n for n in range(1, math.isqrt(max(trained)) + 1) if n <= side]
+
+
+def parse_ladder(text: str, side: int) -> list[int]:
+    try:
+        ladder = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--ladder {text!r}: a comma list of counts, e.g. 1,4,9,16") from None
+    for n in ladder:
+        if math.isqrt(n) ** 2 != n or not 1 <= math.isqrt(n) <= side:
+            raise ConfigError(f"--ladder: {n} is not n*n with 1 <= n <= {side}")
+    if len(ladder) < 2:
+        raise ConfigError("--ladder: give at least two counts")
+    return ladder
+
+
+@torch.no_grad()
+def image_features(model, samples, tok, ladder: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tower grid (B, T, C), router features (B, F)) of a batch."""
+    device = next(model.parameters()).device
+    pixels = pixel_fields(samples)["pixel_values"].to(device)
+    if len(pixels) != len(samples):
+        raise ConfigError("the auto budget takes one image per sample; this data has samples "
+                          "with several images or none")
+    feats_BTC = model.vision(pixels.to(next(model.vision.parameters()).dtype))
+    side = model.vision.grid_hw[0]
+    q_BD = question_embeddings(model, samples, tok)
+    return feats_BTC, router_features(feats_BTC, side, [math.isqrt(n) for n in ladder], q_BD)
+
+
+@torch.no_grad()
+def build_outcomes(model, samples, tok, ladder: list[int], batch_size: int = 64,
+                   max_new_tokens: int = 8, what: str = "") -> Outcomes:
+    keys, kinds, grids, answers, hits, feats = [], [], [], [], [], []
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i:i + batch_size]
+        feats_BTC, f_BF = image_features(model, batch, tok, ladder)
+        rows = [[] for _ in batch]
+        row_hits = [[] for _ in batch]
+        for n in ladder:
+            for b, (s, out) in enumerate(zip(batch, greedy_answers(model, batch, n, tok,
+                                                                   feats_BTC, max_new_tokens))):
+                rows[b].append(tok.decode(out).strip())
+                row_hits[b].append(out == prompt_and_reference(s, n, tok)[1])
+        keys += [s.key for s in batch]
+        kinds += [s.meta.get("type", "other") for s in batch]
+        grids += [int(s.meta.get("grid", 0)) for s in batch]
+        answers += rows
+        hits += row_hits
+        feats.append(f_BF.cpu())
+        log.info(f"outcome table{' ' + what if what else ''}: {len(keys)}/{len(samples)} "
+                 f"samples at N = {ladder}")
+    return Outcomes(ladder, keys, kinds, grids, answers, torch.tensor(hits), torch.cat(feats))

@@ -1,0 +1,86 @@
+"""The auto-budget router: per image and question, the smallest N that already gives the answer
+the largest N gives. Torch only; `tfx convert` copies it into exports beside `projector.py`,
+so training (`tfx router train`), `tfx eval --auto` and the exported model's
+`num_visual_tokens="auto"` read the same features through the same code.
+
+Its inputs cost nothing extra in a pooled-projector model: the tower's patch grid, computed
+for any N before N is chosen, and the LLM's input embeddings of the prompt.
+- Pooling residuals: for each rung n x n of the ladder, the share of the grid's feature
+  variance that n x n adaptive average pooling throws away (mean within-bin variance over
+  the total; 0 at n = grid side). Large where detail is lost.
+- The grid's mean and standard deviation over patches: what the image holds.
+- The mean input embedding of the prompt's text tokens: what is asked.
+An MLP maps them to one logit per rung below the top, q_n = P(N_n suffices); q is made
+monotone in N (a cummax: if a smaller N suffices, a larger one does), and the choice is the
+smallest rung with q_n >= tau, else the top rung. Shape legend: B images, T patches, C tower
+width, D LLM width, K rungs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def bin_means(side: int, n: int) -> torch.Tensor:
+    """(n*n, side*side): row b averages the patches of adaptive-pooling bin b (the bins of
+    `F.adaptive_avg_pool2d`, overlapping where n does not divide the side)."""
+    eye = torch.eye(side * side).reshape(side * side, 1, side, side)
+    return F.adaptive_avg_pool2d(eye, n).reshape(side * side, n * n).T.contiguous()
+
+
+def pooling_residuals(feats_BTC: torch.Tensor, side: int, sides: list[int]) -> torch.Tensor:
+    """(B, T, C) grid -> (B, K) residual share at each rung n in `sides`. Through the patches'
+    (T, T) Gram matrix G: a bin's summed within-bin variance is mean_p G_pp - P G P^T (P its
+    averaging row), so the cost is one (T x C x T) product per image, whatever the rungs."""
+    x = feats_BTC.float()
+    G = x @ x.transpose(1, 2)  # (B, T, T)
+    sq = G.diagonal(dim1=1, dim2=2)  # (B, T): sum over channels of x^2
+    T = x.shape[1]
+    total = (sq.mean(1) - G.sum(dim=(1, 2)) / (T * T)).clamp_min(1e-12)
+    out = []
+    for n in sides:
+        P = bin_means(side, n).to(x.device)  # (n*n, T)
+        within = sq @ P.T - ((P @ G) * P).sum(-1)  # (B, n*n)
+        out.append(within.mean(1) / total)
+    return torch.stack(out, dim=1).clamp(0, 1)
+
+
+def prompt_embedding(embeds_BTD: torch.Tensor, text_BT: torch.Tensor) -> torch.Tensor:
+    """Mean input embedding over the prompt's text tokens (`text_BT`: not image, not pad)."""
+    w = text_BT.to(embeds_BTD.dtype).unsqueeze(-1)
+    return ((embeds_BTD * w).sum(1) / w.sum(1).clamp_min(1)).float()
+
+
+def router_features(feats_BTC: torch.Tensor, side: int, sides: list[int],
+                    question_BD: torch.Tensor) -> torch.Tensor:
+    """(B, K + 2C + D): residuals, the grid's mean and std, the question."""
+    x = feats_BTC.float()
+    mean = x.mean(1)
+    std = ((x * x).mean(1) - mean * mean).clamp_min(0).sqrt()
+    return torch.cat([pooling_residuals(x, side, sides), mean, std, question_BD.float()], dim=1)
+
+
+class SufficiencyRouter(nn.Module):
+    """Features -> (B, K) P(N_k suffices), monotone in k, 1 at the top rung."""
+
+    def __init__(self, in_dim: int, rungs: int, hidden: int = 64):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(in_dim))
+        self.register_buffer("scale", torch.ones(in_dim))
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.1),
+                                 nn.Linear(hidden, rungs - 1))
+
+    def logits(self, feats_BF: torch.Tensor) -> torch.Tensor:
+        return self.net((feats_BF.float() - self.shift) / self.scale)
+
+    def forward(self, feats_BF: torch.Tensor) -> torch.Tensor:
+        q = torch.sigmoid(self.logits(feats_BF)).cummax(dim=1).values
+        return torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
+
+
+def choose(q_BK: torch.Tensor, ladder: list[int], tau: float) -> list[int]:
+    """The smallest N of `ladder` whose q reaches tau (the top rung's q is 1)."""
+    first = (q_BK >= tau).int().argmax(dim=1)
+    return [ladder[i] for i in first.tolist()]
