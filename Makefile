@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_COUNTS ?= 1,4,9,16,25,36,49,64
 
-.PHONY: install install-real demo test lint clean compiler debian-deps device-check device-wheels
+.PHONY: install install-real install-lmms demo test lint clean compiler debian-deps device-check \
+	device-wheels
 
 $(STAMP): requirements.txt setup.py
 	$(PY) -m venv $(VENV)
@@ -24,6 +25,18 @@ $(REAL_STAMP): $(STAMP) requirements-real.txt
 	touch $(REAL_STAMP)
 
 install-real: $(REAL_STAMP)
+
+# lmms-eval and the part of its dependencies `--model tokenflex` on a local task needs
+# (requirements-lmms.txt says why not all of them).
+LMMS_STAMP := $(VENV)/.lmms-stamp
+$(LMMS_STAMP): $(STAMP) requirements-lmms.txt
+	$(BIN)/pip install -q --no-deps $$(grep '^lmms-eval==' requirements-lmms.txt)
+	grep -v '^lmms-eval==' requirements-lmms.txt > $(VENV)/lmms-deps.txt
+	$(BIN)/pip install -q -r $(VENV)/lmms-deps.txt -c requirements.txt
+	$(BIN)/pip install -q --no-deps -e .  # lmms-eval finds `tokenflex` by this entry point
+	touch $(LMMS_STAMP)
+
+install-lmms: $(LMMS_STAMP)
 
 # Debian packages: a C++ compiler (DeepSpeed JIT-builds a comm op on the first CPU launch,
 # into build/torch_extensions) and real data (Fashion-MNIST for `tfx data fashion-mnist`).
@@ -52,7 +65,7 @@ demo: $(STAMP) compiler data/demo/info.json
 lint: $(STAMP)
 	$(BIN)/ruff check tfx kernels tests
 
-test: $(STAMP) $(REAL_STAMP) debian-deps lint
+test: $(STAMP) $(REAL_STAMP) $(LMMS_STAMP) debian-deps lint
 	$(BIN)/pytest -q -rs -n 2 --dist loadfile
 
 # The GPU check (launchers/device-check.sh): DRY=1 runs it on this CPU at tiny sizes.

@@ -20,5 +20,7 @@ setup(
         "PyYAML", "tensorboard", "matplotlib", "triton; platform_system == 'Linux'",
     ],
     extras_require={"flash": ["flash-attn>=2.6"], "test": ["pytest"]},
-    entry_points={"console_scripts": ["tfx = tfx.cli:main"]},
+    entry_points={"console_scripts": ["tfx = tfx.cli:main"],
+                  # lmms-eval's model registry: `lmms-eval --model tokenflex` (tfx.export.lmms)
+                  "lmms_eval.models": ["tokenflex = tfx.export.lmms:manifest"]},
 )

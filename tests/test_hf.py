@@ -91,6 +91,42 @@ def test_auto_processor_and_pipeline_answer_like_tfx_eval(export, tmp_path):
         assert got["answers"][n] == [s.meta["answer"] for s in right], n
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("lmms_eval") is None,
+                    reason="lmms-eval missing: make install-lmms (make test does)")
+def test_lmms_eval_scores_the_export_like_tfx_eval(export, tmp_path):
+    """lmms-eval's own CLI with `--model tokenflex` on a local task made from the run's eval
+    shards: at N = 4 and 36 its exact-match accuracy is tfx eval's, sample by sample."""
+    run, out, _ = export
+    ev = run_tfx("eval", str(run), "--counts", "4,36", "--out", str(tmp_path / "ev"),
+                 timeout=180)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    tfx_report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    task = tmp_path / "task"
+    made = run_tfx("lmms-task", str(run), "--out", str(task), timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    docs = [json.loads(x) for x in (task / "docs.jsonl").read_text().splitlines()]
+    assert len(docs) == tfx_report["samples"]
+    for n in ("4", "36"):
+        results = tmp_path / f"lmms-{n}"
+        proc = subprocess.run(
+            ["timeout", "600", sys.executable, "-m", "lmms_eval", "--model", "tokenflex",
+             "--model_args", f"pretrained={out},num_visual_tokens={n}", "--tasks",
+             "tfx_local", "--include_path", str(task), "--batch_size", "1", "--log_samples",
+             "--output_path", str(results)],
+            capture_output=True, text=True, cwd=tmp_path,
+            env=dict(__import__("os").environ, HF_DATASETS_OFFLINE="1"))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "tfx_local" in proc.stdout and "exact_match" in proc.stdout
+        scored = json.loads(next(results.rglob("*_results.json")).read_text())
+        accuracy = scored["results"]["tfx_local"]["exact_match,none"]
+        assert accuracy == pytest.approx(tfx_report["results"][n]["all"], abs=1e-12), n
+        logged = [json.loads(x) for f in results.rglob("*_samples_tfx_local.jsonl")
+                  for x in f.read_text().splitlines()]
+        verdicts = {docs[r["doc_id"]]["key"]: r["exact_match"] == 1.0 for r in logged}
+        assert verdicts == tfx_report["per_sample"][n], n
+    assert 0 < tfx_report["results"]["36"]["all"] < 1  # a score that can disagree
+
+
 def test_convert_check_reports_parity_and_catches_a_damaged_export(export, tmp_path):
     from safetensors.torch import load_file, save_file
 

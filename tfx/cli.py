@@ -578,6 +578,30 @@ def cmd_backbones(argv: list[str]) -> None:
     _run(go)
 
 
+def cmd_lmms_task(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="tfx lmms-task", description="An lmms-eval task folder "
+                                "from eval shards (run it with --include_path DIR --tasks "
+                                "tfx_local --model tokenflex).")
+    p.add_argument("run", help="the run (or checkpoint) whose eval decoding to use")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None, help="eval shards (default: the run's data.eval)")
+    args = p.parse_args(argv)
+
+    def go():
+        _cpu_env_defaults()
+        from tfx.export.lmms import write_local_task
+        from tfx.train import runfolder
+        from tfx.train.load import load_model
+
+        loaded = load_model(args.run)
+        data = args.data or runfolder.resolve_path(loaded.cfg.data.eval, loaded.run_dir,
+                                                   "data.eval", "--data DIR")
+        done = write_local_task(data, args.out, loaded.cfg, loaded.tok)
+        print(f"wrote task tfx_local ({done['samples']} samples) in {done['folder']}")
+
+    _run(go)
+
+
 def cmd_router(argv: list[str]) -> None:
     def go():
         _cpu_env_defaults()
@@ -591,7 +615,8 @@ def cmd_router(argv: list[str]) -> None:
 COMMANDS = {"train": cmd_train, "router": cmd_router, "eval": cmd_eval, "data": cmd_data,
             "bench": cmd_bench,
             "convert": cmd_convert, "generate": cmd_generate, "plan": cmd_plan,
-            "experiment": cmd_experiment, "backbones": cmd_backbones}
+            "experiment": cmd_experiment, "backbones": cmd_backbones,
+            "lmms-task": cmd_lmms_task}
 
 
 def main(argv: list[str] | None = None) -> None:
