@@ -48,18 +48,15 @@ def max_bins_per_input(size: int, n: int) -> int:
 
 
 @triton.jit
-def _pool_fwd_kernel(x_ptr, out_ptr, H, W, n, C,
-                     KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # b * n*n + i*n + j
+def _bin_mean(x_ptr, pid, H, W, n, C, offs_c, mask_c, KH: tl.constexpr, KW: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """fp32 mean of output bin `pid` (= b * n*n + i*n + j) over channels `offs_c` of the
+    (B, H, W, C) grid: at most KH x KW inputs, masked to the bin's true extent."""
     b = pid // (n * n)
     ij = pid % (n * n)
-    i = ij // n
-    j = ij % n
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    r0, r1 = _bin(ij // n, H, n)
+    c0, c1 = _bin(ij % n, W, n)
     zero = offs_c * 0  # broadcast scalars into the mask (interpreter-safe)
-    r0, r1 = _bin(i, H, n)
-    c0, c1 = _bin(j, W, n)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     base = x_ptr + b * H * W * C
     for dr in tl.static_range(KH):
@@ -68,32 +65,27 @@ def _pool_fwd_kernel(x_ptr, out_ptr, H, W, n, C,
             c = c0 + dc
             ok = mask_c & ((zero + r) < r1) & ((zero + c) < c1)
             acc += tl.load(base + (r * W + c) * C + offs_c, mask=ok, other=0.0).to(tl.float32)
-    count = ((r1 - r0) * (c1 - c0)).to(tl.float32)
-    tl.store(out_ptr + pid * C + offs_c, (acc / count).to(out_ptr.dtype.element_ty), mask=mask_c)
+    return acc / ((r1 - r0) * (c1 - c0)).to(tl.float32)
+
+
+@triton.jit
+def _pool_fwd_kernel(x_ptr, out_ptr, H, W, n, C,
+                     KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # b * n*n + i*n + j
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mean = _bin_mean(x_ptr, pid, H, W, n, C, offs_c, mask_c, KH, KW, BLOCK_C)
+    tl.store(out_ptr + pid * C + offs_c, mean.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
 def _pool_ln_kernel(x_ptr, lnw_ptr, lnb_ptr, p_ptr, z_ptr, H, W, n, C, eps,
                     KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # b * n*n + i*n + j; BLOCK_C covers all C channels
-    b = pid // (n * n)
-    ij = pid % (n * n)
-    i = ij // n
-    j = ij % n
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    zero = offs_c * 0
-    r0, r1 = _bin(i, H, n)
-    c0, c1 = _bin(j, W, n)
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    base = x_ptr + b * H * W * C
-    for dr in tl.static_range(KH):
-        for dc in tl.static_range(KW):
-            r = r0 + dr
-            c = c0 + dc
-            ok = mask_c & ((zero + r) < r1) & ((zero + c) < c1)
-            acc += tl.load(base + (r * W + c) * C + offs_c, mask=ok, other=0.0).to(tl.float32)
-    p = (acc / ((r1 - r0) * (c1 - c0)).to(tl.float32)).to(p_ptr.dtype.element_ty)
+    p = _bin_mean(x_ptr, pid, H, W, n, C, offs_c, mask_c, KH, KW, BLOCK_C)
+    p = p.to(p_ptr.dtype.element_ty)
     tl.store(p_ptr + pid * C + offs_c, p, mask=mask_c)
     pf = tl.where(mask_c, p.to(tl.float32), 0.0)  # LayerNorm sees the stored (rounded) P
     mean = tl.sum(pf, axis=0) / C
