@@ -185,7 +185,7 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
                        "accuracy_ratio": op["accuracy"] / max(top["accuracy"], 1e-12),
                        "token_share_used": op["tokens"] / top["tokens"],
                        "oracle_share": result["oracle"]["tokens"] / top["tokens"],
-                       "met": op["accuracy"] >= keep * top["accuracy"]
+                       "met": top["accuracy"] > 0 and op["accuracy"] >= keep * top["accuracy"]
                        and op["tokens"] <= goal_share * top["tokens"]
                        and result["above_mixing_line"] and cost["share"] < 0.02}}
     out_dir = Path(out) if out else loaded.run_dir / "eval-auto"
@@ -213,7 +213,10 @@ def markdown(r: dict) -> str:
     for p in r["fixed"]:
         row(f"fixed N = {p['n']}", p)
     row("consistency oracle", r["oracle"])
-    row(f"router, tau = {r['tau']} (chosen on calib)", r["operating_point"])
+    for p in r["router"]:
+        if p["tau"] in (0.1, 0.3, 0.5, 0.7, 0.9):
+            row(f"router, tau = {p['tau']}", p)
+    row(f"**router, tau = {r['tau']} (chosen on calib)**", r["operating_point"])
     row("router, live run of that point", r["live"])
     g, c = r["goal"], r["cost"]
     lines += ["", f"Goal: >= {100 * g['keep']:.0f}% of N_max's accuracy at <= "
@@ -224,6 +227,14 @@ def markdown(r: dict) -> str:
               f"{100 * g['oracle_share']:.0f}%; lowest margin over the mixing line "
               f"{r['min_margin']:+.3f}; router {1e3 * c['router_s_per_image']:.3f} ms vs "
               f"{1e3 * c['forward_s_per_image']:.2f} ms per image = {100 * c['share']:.2f}%)."]
+    for what, title in (("by_type", "question type"), ("by_grid", "grid side")):
+        lines += ["", f"At the operating point, by {title}:", "",
+                  f"| {title} | samples | accuracy | N_max's accuracy | mean N | oracle's mean N |",
+                  "|---|---|---|---|---|---|"]
+        for key, v in sorted(r[what].items()):
+            lines.append(f"| {key} | {v['samples']} | {v['accuracy']:.3f} | "
+                         f"{v['top_accuracy']:.3f} | {v['tokens']:.1f} | "
+                         f"{v['oracle_tokens']:.1f} |")
     return "\n".join(lines)
 
 
