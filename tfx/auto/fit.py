@@ -16,13 +16,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tfx.auto.outcomes import Outcomes, build_outcomes, default_ladder, parse_ladder
+from tfx.auto.outcomes import (
+    Outcomes,
+    build_outcomes,
+    cached_outcomes,
+    default_ladder,
+    parse_ladder,
+)
 from tfx.errors import ConfigError
 from tfx.log import get_logger
 from tfx.model.router import SufficiencyRouter, choose
 
 log = get_logger(__name__)
-TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999]
+TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9995, 0.9999]
 
 
 def fit_router(table: Outcomes, hidden: int = 64, steps: int = 600, lr: float = 3e-3,
@@ -148,9 +154,14 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
         list(loaded.cfg.tokens.counts), side)
     tables = {}
     for split, given in (("router", router_data), ("calib", calib_data)):
-        samples, _ = eval_samples(loaded, split_data(loaded, given, split))
-        tables[split] = build_outcomes(loaded.model, samples, loaded.tok, rungs, batch_size,
-                                       what=f"({split})")
+        data = split_data(loaded, given, split)
+        samples, _ = eval_samples(loaded, data)
+        key = {"tag": loaded.tag, "ladder": rungs, "data": str(Path(data).resolve()),
+               "keys": len(samples)}
+        tables[split] = cached_outcomes(
+            loaded.run_dir / "router", split, key,
+            lambda: build_outcomes(loaded.model, samples, loaded.tok, rungs, batch_size,
+                                   what=f"({split})"))
     router, meta = train_and_calibrate(tables["router"], tables["calib"], keep, hidden, seed)
     meta |= {"checkpoint": str(path), "tag": loaded.tag,
              "grid_side": side, "oracle_calib_tokens": policy_point(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -109,3 +110,21 @@ def build_outcomes(model, samples, tok, ladder: list[int], batch_size: int = 64,
         log.info(f"outcome table{' ' + what if what else ''}: {len(keys)}/{len(samples)} "
                  f"samples at N = {ladder}")
     return Outcomes(ladder, keys, kinds, grids, answers, torch.tensor(hits), torch.cat(feats))
+
+
+def cached_outcomes(folder: Path, split: str, key: dict, build) -> Outcomes:
+    """The table in `folder/outcomes-<split>.pt` when it was built for the same `key`
+    (checkpoint tag, ladder, data, samples), else `build()`, saved there for next time: a
+    second `tfx router train` (another width, seed or --keep) skips the model passes."""
+    path = Path(folder) / f"outcomes-{split}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved.get("key") == key:
+            log.info(f"outcome table ({split}): reused {path}")
+            return Outcomes.from_dict(saved["table"])
+    table = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "table": table.to_dict()}, tmp)
+    tmp.replace(path)
+    return table

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tfx.auto.fit import load_router, policy_point, threshold_curve
-from tfx.auto.outcomes import Outcomes, build_outcomes, image_features
+from tfx.auto.outcomes import Outcomes, build_outcomes, cached_outcomes, image_features
 from tfx.errors import ConfigError
 from tfx.eval.decode import greedy_answers, prompt_and_reference
 from tfx.eval.plots import pyplot
@@ -164,8 +164,10 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
         raise ConfigError(f"{folder} was trained on {meta.get('tag')}, but {path} is "
                           f"{loaded.tag}: run `tfx router train {path}` again")
     samples, skipped = eval_samples(loaded, data)
-    table = build_outcomes(loaded.model, samples, loaded.tok, meta["ladder"], batch_size,
-                           what="(eval)")
+    key = {"tag": loaded.tag, "ladder": meta["ladder"], "data": str(data),
+           "keys": len(samples)}
+    table = cached_outcomes(folder, "eval", key, lambda: build_outcomes(
+        loaded.model, samples, loaded.tok, meta["ladder"], batch_size, what="(eval)"))
     result = curve(table, router, meta)
     live = live_auto(loaded.model, samples, loaded.tok, router, meta, batch_size)
     cost = router_cost(loaded.model, samples, loaded.tok, router, meta)
