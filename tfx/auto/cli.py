@@ -23,7 +23,7 @@ def router_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep", type=float, default=0.99,
                    help="the threshold is the cheapest keeping this share of the top N's "
                         "accuracy on the calib split")
-    t.add_argument("--hidden", type=int, default=64, help="router MLP width")
+    t.add_argument("--hidden", type=int, default=32, help="router MLP width")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--device", default=None)

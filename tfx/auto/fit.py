@@ -31,7 +31,7 @@ log = get_logger(__name__)
 TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9995, 0.9999]
 
 
-def fit_router(table: Outcomes, hidden: int = 64, steps: int = 600, lr: float = 3e-3,
+def fit_router(table: Outcomes, hidden: int = 32, steps: int = 300, lr: float = 3e-3,
                weight_decay: float = 1e-2, seed: int = 0) -> SufficiencyRouter:
     """BCE per rung on the consistency labels; features standardised on the training set."""
     torch.manual_seed(seed)
@@ -104,7 +104,7 @@ def load_router(folder: Path) -> tuple[SufficiencyRouter, dict]:
 
 
 def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
-                        hidden: int = 64, seed: int = 0) -> tuple[SufficiencyRouter, dict]:
+                        hidden: int = 32, seed: int = 0) -> tuple[SufficiencyRouter, dict]:
     router = fit_router(train, hidden=hidden, seed=seed)
     curve = threshold_curve(router, calib)
     top = calib.hits_SK[:, -1].float().mean().item()
@@ -140,7 +140,7 @@ def split_data(loaded, given: str | None, split: str) -> str:
 
 def run_router_train(path: str, router_data: str | None = None, calib_data: str | None = None,
                      ladder: str | None = None, keep: float = 0.99, batch_size: int = 64,
-                     hidden: int = 64, seed: int = 0, device: str | None = None,
+                     hidden: int = 32, seed: int = 0, device: str | None = None,
                      dtype: str | None = None) -> dict:
     from tfx.eval.runner import default_device, default_dtype, eval_samples
     from tfx.train.load import load_model

@@ -65,7 +65,7 @@ def router_features(feats_BTC: torch.Tensor, side: int, sides: list[int],
 class SufficiencyRouter(nn.Module):
     """Features -> (B, K) P(N_k suffices), monotone in k, 1 at the top rung."""
 
-    def __init__(self, in_dim: int, rungs: int, hidden: int = 64):
+    def __init__(self, in_dim: int, rungs: int, hidden: int = 32):
         super().__init__()
         self.register_buffer("shift", torch.zeros(in_dim))
         self.register_buffer("scale", torch.ones(in_dim))
