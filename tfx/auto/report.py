@@ -132,6 +132,19 @@ def curve(table: Outcomes, router, meta: dict) -> dict:
             "min_margin": min(p["accuracy"] - p["mixing_line"] for p in routed)}
 
 
+def paired_ci(table: Outcomes, choices: list[int], resamples: int = 10_000,
+              seed: int = 0) -> dict:
+    """Accuracy of the choices minus the top rung's, with a paired bootstrap 95% interval."""
+    index = {n: k for k, n in enumerate(table.ladder)}
+    picked = torch.tensor([index[n] for n in choices])
+    diff = (table.hits_SK[torch.arange(len(choices)), picked].float()
+            - table.hits_SK[:, -1].float())
+    g = torch.Generator().manual_seed(seed)
+    means = diff[torch.randint(len(diff), (resamples, len(diff)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975])).tolist()
+    return {"difference": diff.mean().item(), "ci95": [lo, hi]}
+
+
 def breakdown(table: Outcomes, choices: list[int], attr: str) -> dict:
     index = {n: k for k, n in enumerate(table.ladder)}
     out: dict = {}
@@ -181,6 +194,7 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
               "calib": meta["calib"]["point"], **result,
               "live": {k: v for k, v in live.items() if k != "per_sample"},
               "per_sample": live["per_sample"], "cost": cost,
+              "vs_top": paired_ci(table, choices),
               "by_type": breakdown(table, choices, "kinds"),
               "by_grid": breakdown(table, choices, "grids"),
               "goal": {"keep": keep, "token_share": goal_share,
@@ -221,6 +235,9 @@ def markdown(r: dict) -> str:
     row(f"**router, tau = {r['tau']} (chosen on calib)**", r["operating_point"])
     row("router, live run of that point", r["live"])
     g, c = r["goal"], r["cost"]
+    d = r["vs_top"]
+    lines += ["", f"Operating point minus N_max: {d['difference']:+.3f} accuracy (paired "
+              f"bootstrap 95% interval {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})."]
     lines += ["", f"Goal: >= {100 * g['keep']:.0f}% of N_max's accuracy at <= "
               f"{100 * g['token_share']:.0f}% of its tokens, above the fixed-N mixing line at "
               f"every threshold, router < 2% of a forward pass: "
