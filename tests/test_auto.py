@@ -191,3 +191,25 @@ def test_residual_features_do_not_depend_on_the_batch():
     whole = pooling_residuals(x, 6, [1, 2, 3, 4, 5, 6])
     alone = torch.cat([pooling_residuals(x[i:i + 1], 6, [1, 2, 3, 4, 5, 6]) for i in range(8)])
     torch.testing.assert_close(whole, alone, atol=1e-6, rtol=0)
+
+
+def test_router_choice_is_stable_under_rounding_noise():
+    """The exported model routes one image at a time and tfx eval a batch, so their tower
+    outputs differ by rounding (~1e-6). The router's features must not amplify that: the two
+    rungs whose residual is the same for every image (1 x 1 and the full grid) are left out,
+    and no feature is scaled up by more than 1e3 when standardised."""
+    from tfx.auto.fit import fit_router
+    from tfx.model.router import router_features
+
+    torch.manual_seed(0)
+    grids = torch.rand(200, 36, 8) * 3
+    q = torch.randn(200, 4)
+    feats = router_features(grids, 6, [1, 2, 3, 4, 5, 6], q)
+    assert feats.shape == (200, 4 + 2 * 8 + 4)  # residuals at n = 2..5 only
+    answers = [["a" if (i + k) % 3 else "b" for k in range(5)] + ["a"] for i in range(200)]
+    table = Outcomes([1, 4, 9, 16, 25, 36], [str(i) for i in range(200)], ["cell"] * 200,
+                     [0] * 200, answers, torch.zeros(200, 6, dtype=torch.bool), feats)
+    router = fit_router(table)
+    noisy = router_features(grids + 1e-6 * torch.randn_like(grids), 6, [1, 2, 3, 4, 5, 6], q)
+    with torch.no_grad():
+        assert (router(noisy) - router(feats)).abs().max() < 1e-3

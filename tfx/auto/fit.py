@@ -25,7 +25,7 @@ from tfx.auto.outcomes import (
 )
 from tfx.errors import ConfigError
 from tfx.log import get_logger
-from tfx.model.router import SufficiencyRouter, choose
+from tfx.model.router import FEATURES_VERSION, SufficiencyRouter, choose
 
 log = get_logger(__name__)
 TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9995, 0.9999]
@@ -39,7 +39,7 @@ def fit_router(table: Outcomes, hidden: int = 32, steps: int = 300, lr: float = 
     y = table.stable_SK()[:, :-1].float()
     router = SufficiencyRouter(x.shape[1], len(table.ladder), hidden)
     router.shift.copy_(x.mean(0))
-    router.scale.copy_(x.std(0).clamp_min(1e-6))
+    router.scale.copy_(x.std(0).clamp_min(1e-3))  # a near-constant feature stays near 0
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     router.train()
     for step in range(steps):
@@ -157,7 +157,7 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
         data = split_data(loaded, given, split)
         samples, _ = eval_samples(loaded, data)
         key = {"tag": loaded.tag, "ladder": rungs, "data": str(Path(data).resolve()),
-               "keys": len(samples)}
+               "keys": len(samples), "features": FEATURES_VERSION}
         tables[split] = cached_outcomes(
             loaded.run_dir / "router", split, key,
             lambda: build_outcomes(loaded.model, samples, loaded.tok, rungs, batch_size,

@@ -24,7 +24,7 @@ from tfx.eval.decode import greedy_answers, prompt_and_reference
 from tfx.eval.plots import pyplot
 from tfx.eval.runner import default_device, default_dtype, eval_samples
 from tfx.log import get_logger
-from tfx.model.router import choose
+from tfx.model.router import FEATURES_VERSION, choose
 from tfx.train.load import load_model
 
 log = get_logger(__name__)
@@ -178,7 +178,7 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
                           f"{loaded.tag}: run `tfx router train {path}` again")
     samples, skipped = eval_samples(loaded, data)
     key = {"tag": loaded.tag, "ladder": meta["ladder"], "data": str(data),
-           "keys": len(samples)}
+           "keys": len(samples), "features": FEATURES_VERSION}
     table = cached_outcomes(folder, "eval", key, lambda: build_outcomes(
         loaded.model, samples, loaded.tok, meta["ladder"], batch_size, what="(eval)"))
     result = curve(table, router, meta)

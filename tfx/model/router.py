@@ -53,9 +53,15 @@ def prompt_embedding(embeds_BTD: torch.Tensor, text_BT: torch.Tensor) -> torch.T
     return ((embeds_BTD * w).sum(1) / w.sum(1).clamp_min(1)).float()
 
 
+FEATURES_VERSION = 2  # bump when the features change: cached outcome tables are then rebuilt
+
+
 def router_features(feats_BTC: torch.Tensor, side: int, sides: list[int],
                     question_BD: torch.Tensor) -> torch.Tensor:
-    """(B, K + 2C + D): residuals, the grid's mean and std, the question."""
+    """(B, K' + 2C + D): residuals at the rungs strictly between 1 x 1 and the full grid (those
+    two are 1 and 0 for every image: constants that rounding would turn into noise once
+    standardised), the grid's mean and std, the question."""
+    sides = [n for n in sides if 1 < n < side]
     x = feats_BTC.float()
     mean = x.mean(1)
     std = ((x * x).mean(1) - mean * mean).clamp_min(0).sqrt()
