@@ -32,7 +32,7 @@ LMMS_STAMP := $(VENV)/.lmms-stamp
 $(LMMS_STAMP): $(STAMP) requirements-lmms.txt
 	$(BIN)/pip install -q --no-deps $$(grep '^lmms-eval==' requirements-lmms.txt)
 	grep -v '^lmms-eval==' requirements-lmms.txt > $(VENV)/lmms-deps.txt
-	$(BIN)/pip install -q -r $(VENV)/lmms-deps.txt -c requirements.txt
+	$(BIN)/pip install -q --no-warn-conflicts -r $(VENV)/lmms-deps.txt -c requirements.txt
 	$(BIN)/pip install -q --no-deps -e .  # lmms-eval finds `tokenflex` by this entry point
 	touch $(LMMS_STAMP)
 
