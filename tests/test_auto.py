@@ -62,6 +62,11 @@ def test_consistency_labels_and_the_choice():
     router = SufficiencyRouter(2, 4)
     out = router(torch.randn(50, 2))
     assert (out.diff(dim=1) >= 0).all() and (out[:, -1] == 1).all()  # monotone in N
+    with torch.no_grad():  # saturated: still below the top rung, so tau = 1 is "always N_max"
+        router.net[-1].bias.fill_(50.0)
+        sure = router.eval()(torch.randn(5, 2))
+    assert choose(sure, [1, 4, 9, 16], 1.0) == [16] * 5
+    assert choose(sure, [1, 4, 9, 16], 0.99) == [1] * 5
 
 
 @pytest.fixture(scope="module")

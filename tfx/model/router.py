@@ -82,7 +82,8 @@ class SufficiencyRouter(nn.Module):
         return self.net((feats_BF.float() - self.shift) / self.scale)
 
     def forward(self, feats_BF: torch.Tensor) -> torch.Tensor:
-        q = torch.sigmoid(self.logits(feats_BF)).cummax(dim=1).values
+        # below 1 at every lower rung, so tau = 1 always means the top rung
+        q = torch.sigmoid(self.logits(feats_BF)).clamp_max(1 - 1e-6).cummax(dim=1).values
         return torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
 
 
