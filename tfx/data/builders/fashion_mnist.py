@@ -23,13 +23,13 @@ router's labels and its operating point) from disjoint item ranges of the origin
 from __future__ import annotations
 
 import gzip
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from tfx.data.builders.writer import write_split
 from tfx.data.tokenizer import train_sentencepiece
 from tfx.errors import DataError
 
@@ -121,24 +121,6 @@ def make_sample(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray
                               {"from": "gpt", "value": answer}], "type": kind, "answer": answer,
             "grid": k, "items": [int(p) for p in picks]} | about
     return image, meta
-
-
-def write_split(out: Path, split: str, n: int, per_shard: int, draw) -> list[str]:
-    """`n` samples from `draw(i) -> (image, meta)` into out/split/*.tar; returns their texts."""
-    import webdataset as wds
-
-    texts = []
-    (out / split).mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out / split / f"{split}-%05d.tar"), maxcount=per_shard,
-                         verbose=0) as sink:
-        for i in range(n):
-            image, meta = draw(i)
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            sink.write({"__key__": f"{split}{i:07d}", "png": buf.getvalue(),
-                        "json": json.dumps(meta).encode()})
-            texts += [t["value"].replace("<image>\n", "") for t in meta["conversations"]]
-    return texts
 
 
 def build_fashion_mnist(out: str | Path, *, source: str | Path = DEBIAN_DIR, train: int = 20000,

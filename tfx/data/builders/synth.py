@@ -16,13 +16,13 @@ generated text and saved beside the shards.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from tfx.data.builders.writer import write_split
 from tfx.data.tokenizer import train_sentencepiece
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
@@ -71,31 +71,17 @@ def make_sample(rng: np.random.Generator, grid: int, size: int) -> tuple[Image.I
     return draw_grid(cells, size, rng, mark=(r, c) if kind == "marked" else None), meta
 
 
-def write_split(out: Path, split: str, n: int, per_shard: int, grid: int, size: int,
-                seed: int) -> list[str]:
-    import webdataset as wds
-
-    (out / split).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    texts = []
-    pattern = str(out / split / f"{split}-%05d.tar")
-    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
-        for i in range(n):
-            image, meta = make_sample(rng, grid, size)
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            sink.write({"__key__": f"{split}{i:07d}", "png": buf.getvalue(),
-                        "json": json.dumps(meta).encode()})
-            texts += [t["value"].replace("<image>\n", "") for t in meta["conversations"]]
-    return texts
-
-
 def build_synth(out: str | Path, *, train: int = 4096, eval: int = 512, per_shard: int = 256,
                 grid: int = 4, image_size: int = 64, seed: int = 0,
                 vocab_size: int = 96) -> dict:
     out = Path(out)
-    texts = write_split(out, "train", train, per_shard, grid, image_size, seed)
-    write_split(out, "eval", eval, per_shard, grid, image_size, seed + 1_000_003)
+
+    def draws(split_seed: int):
+        rng = np.random.default_rng(split_seed)
+        return lambda i: make_sample(rng, grid, image_size)
+
+    texts = write_split(out, "train", train, per_shard, draws(seed))  # the tokenizer's text
+    write_split(out, "eval", eval, per_shard, draws(seed + 1_000_003))
     model = train_sentencepiece(texts, out / "tokenizer", vocab_size)
     info = {"train": train, "eval": eval, "grid": grid, "image_size": image_size,
             "tokenizer": str(model), "colors": list(COLORS)}
