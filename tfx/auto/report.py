@@ -118,15 +118,15 @@ def router_cost(model, samples, tok, router, meta) -> dict:
             "router_mlp_macs": mlp, "batch": len(batch)}
 
 
-def curve(table: Outcomes, router, meta: dict) -> dict:
+def curve(table: Outcomes, router, meta: dict, choices: list[int]) -> dict:
+    """`choices`: the router's N per sample at its threshold (the operating point)."""
     fixed = [{"n": n, "tokens": float(n), "accuracy": table.hits_SK[:, k].float().mean().item()}
              for k, n in enumerate(table.ladder)]
     oracle = policy_point(table, [table.ladder[k] for k in table.oracle_rung().tolist()])
     routed = threshold_curve(router, table)
     for p in routed:
         p["mixing_line"] = mixing_line(fixed, p["tokens"])
-    q = router(table.feats_SF)
-    op = {"tau": meta["tau"]} | policy_point(table, choose(q, table.ladder, meta["tau"]))
+    op = {"tau": meta["tau"]} | policy_point(table, choices)
     return {"fixed": fixed, "oracle": oracle, "router": routed, "operating_point": op,
             "above_mixing_line": all(p["accuracy"] >= p["mixing_line"] for p in routed),
             "min_margin": min(p["accuracy"] - p["mixing_line"] for p in routed)}
@@ -148,6 +148,7 @@ def paired_ci(table: Outcomes, choices: list[int], resamples: int = 10_000,
 def breakdown(table: Outcomes, choices: list[int], attr: str) -> dict:
     index = {n: k for k, n in enumerate(table.ladder)}
     out: dict = {}
+    oracle = table.oracle_rung().tolist()  # once: it builds the whole stability table
     for s, n in enumerate(choices):
         key = str(getattr(table, attr)[s])
         row = out.setdefault(key, {"samples": 0, "hits": 0, "top_hits": 0, "tokens": 0,
@@ -156,7 +157,7 @@ def breakdown(table: Outcomes, choices: list[int], attr: str) -> dict:
         row["hits"] += bool(table.hits_SK[s, index[n]])
         row["top_hits"] += bool(table.hits_SK[s, -1])
         row["tokens"] += n
-        row["oracle_tokens"] += table.ladder[int(table.oracle_rung()[s])]
+        row["oracle_tokens"] += table.ladder[oracle[s]]
     return {k: {"samples": v["samples"], "accuracy": v["hits"] / v["samples"],
                 "top_accuracy": v["top_hits"] / v["samples"],
                 "tokens": v["tokens"] / v["samples"],
@@ -181,14 +182,14 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
            "keys": len(samples), "features": FEATURES_VERSION}
     table = cached_outcomes(folder, "eval", key, lambda: build_outcomes(
         loaded.model, samples, loaded.tok, meta["ladder"], batch_size, what="(eval)"))
-    result = curve(table, router, meta)
+    with torch.no_grad():
+        choices = choose(router(table.feats_SF), table.ladder, meta["tau"])
+    result = curve(table, router, meta, choices)
     live = live_auto(loaded.model, samples, loaded.tok, router, meta, batch_size)
     cost = router_cost(loaded.model, samples, loaded.tok, router, meta)
     top = result["fixed"][-1]
     op = result["operating_point"]
     keep = keep if keep is not None else meta["keep"]
-    q = router(table.feats_SF)
-    choices = choose(q, table.ladder, meta["tau"])
     report = {"checkpoint": str(path), "tag": loaded.tag, "samples": len(samples),
               "skipped": skipped, "ladder": meta["ladder"], "tau": meta["tau"],
               "calib": meta["calib"]["point"], **result,
