@@ -23,6 +23,7 @@ def test_bench_data_prints_padding_and_loader_tables(tmp_path):
     assert all(float(r["samples_per_s"]) > 0 for r in load)
     assert "| 64 | random | 1 |" in proc.stdout and (out / "data.png").stat().st_size > 0
     pack = {r["arrangement"]: r for r in csv.DictReader((out / "packing.csv").open())}
-    assert set(pack) == {"padded", "bucketed", "packed"}
-    assert float(pack["packed"]["padding_pct"]) < float(pack["padded"]["padding_pct"])
+    assert set(pack) == {"padded", "bucketed", "alone", "packed-mask", "packed-varlen"}
+    for name in ("packed-mask", "packed-varlen"):
+        assert float(pack[name]["padding_pct"]) < float(pack["padded"]["padding_pct"])
     assert all(float(r["real_tokens_per_s"]) > 0 for r in pack.values())

@@ -16,6 +16,7 @@ from tfx.data.packing import collate_packed
 from tfx.data.pipeline import read_eval_samples
 from tfx.data.tokenizer import IGNORE, load_tokenizer
 from tfx.model.loss import supervised_count
+from tfx.model.varlen import NAME, packed_attention, varlen_kwargs
 from tfx.model.vlm import ImageTokenIds, TokenFlexVLM
 
 from conftest import tiny_config_yaml
@@ -63,11 +64,16 @@ def test_packed_rows_keep_samples_whole_and_labels_inside(setup):
     assert supervised_count(b["labels"]) == supervised_count(unpacked["labels"])
 
 
-def test_packed_loss_and_gradients_equal_unpacked_float64(setup):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_and_gradients_equal_unpacked_float64(setup, attn):
+    """`sdpa` trains as `sdpa_varlen` (each sample's own attention); `eager` through the exact
+    block-diagonal mask."""
     cfg, tok, samples = setup
     torch.manual_seed(0)
     model = TokenFlexVLM(cfg.model, tok.vocab_size,
-                         ImageTokenIds(tok.img_start_id, tok.img_ctx_id, tok.img_end_id)).double()
+                         ImageTokenIds(tok.img_start_id, tok.img_ctx_id, tok.img_end_id),
+                         attn_implementation=attn).double()
+    assert model.llm.config._attn_implementation == {"sdpa": NAME, "eager": "eager"}[attn]
     params = [p for p in model.parameters() if p.requires_grad]
     n = 16
     longest = max(s.total_len(n) for s in samples)
@@ -99,6 +105,41 @@ def test_packed_loss_and_gradients_equal_unpacked_float64(setup):
         leaked = model(packed["input_ids"], packed["pixel_values"].double(), n,
                        packed["attention_mask"], packed["labels"], has_image=packed["has_image"])
     assert abs(float(leaked - loss_u.detach())) > 1e-5 * abs(float(loss_u.detach()))
+
+
+def test_varlen_kwargs_mark_every_sample_and_padding_tail():
+    pos_RT = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3],  # samples of 3, 2, 4
+                           [0, 1, 2, 3, 4, 5, 0, 1, 2]])  # 6, then a padding tail of 3
+    kw = varlen_kwargs(pos_RT)
+    assert kw["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 15, 18]
+    assert kw["cu_seq_lens_q"].dtype == torch.int32 and kw["cu_seq_lens_k"] is kw["cu_seq_lens_q"]
+    assert kw["max_length_q"] == kw["max_length_k"] == 6
+
+
+def test_flash_attention_gets_the_varlen_arguments_of_packed_rows(setup):
+    """transformers' flash-attn path infers packing from position_ids only for one row: with
+    several rows it would attend across samples. The boundaries are passed explicitly."""
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64)
+    pos_RT = torch.tensor([[0, 1, 0, 1], [0, 1, 2, 0]])
+    embeds = torch.zeros(2, 4, 32)
+    for impl in ("flash_attention_2", NAME):
+        cfg._attn_implementation = impl
+        assert packed_attention(cfg, embeds, pos_RT)["cu_seq_lens_q"].tolist() == [0, 2, 4, 7, 8]
+    cfg._attn_implementation = "eager"
+    mask = packed_attention(cfg, embeds, pos_RT)["attention_mask"]
+    assert mask.shape == (2, 1, 4, 4) and float(mask[0, 0, 2, 1]) < -1e30  # across: masked
+
+
+def test_sdpa_varlen_refuses_a_sample_that_crosses_rows():
+    from tfx.model.varlen import sdpa_varlen_forward
+
+    q = torch.zeros(2, 1, 4, 8)
+    cu = torch.tensor([0, 6, 8], dtype=torch.int32)  # a 6-token sample in rows of 4
+    with pytest.raises(ValueError, match="crosses rows"):
+        sdpa_varlen_forward(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=cu)
 
 
 def stream_config(synth, tmp_path, **data):

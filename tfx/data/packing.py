@@ -5,8 +5,9 @@ LLM. Samples are placed first-fit decreasing by their exact length at the step's
 rows of at most `row_tokens` tokens as that takes, with the row length then tightened until the
 rows are nearly equal; rows are right-padded to the longest row. Attention stays inside each
 sample through `position_ids` that restart at 0 at every sample start (and at the padding tail,
-a segment of its own): the model turns them into an exact block-diagonal causal mask for SDPA or
-eager attention, and flash-attn's varlen path reads the same boundaries. The first label of each
+a segment of its own): the model turns them into varlen offsets, so SDPA (`sdpa_varlen`) and
+flash-attn run each sample's attention alone, or into the exact block-diagonal causal mask for
+eager attention (`tfx.model.varlen`). The first label of each
 sample is IGNORE, so no position predicts across a boundary. Images keep the order in which
 their placeholders appear (row by row, left to right), which is the order `splice_visual` fills.
 Shape legend: R rows, T sequence.

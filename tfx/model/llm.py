@@ -34,8 +34,14 @@ def resolve_attn(requested: str, on_cuda: bool, dtype: torch.dtype) -> str:
 def build_llm(cfg: LLMConfig, vocab_size: int, attn_implementation: str,
               hf_config: dict | None = None) -> nn.Module:
     """`hf_config`: build that HF config's structure with fresh weights (a checkpoint's weights
-    follow), instead of loading `cfg.path`."""
+    follow), instead of loading `cfg.path`. `sdpa` becomes `sdpa_varlen` (`tfx.model.varlen`):
+    SDPA itself, except that packed rows attend one sample at a time."""
+    from tfx.model import varlen
     from tfx.model.families import llm_family
+
+    if attn_implementation == "sdpa":
+        varlen.register()
+        attn_implementation = varlen.NAME
 
     config_cls, model_cls = llm_family(cfg.family).load()
     vocab_size = max(vocab_size, cfg.vocab_size or 0)

@@ -20,23 +20,13 @@ from tfx.model.image_block import grid_side, real_image_mask, splice_visual
 from tfx.model.llm import build_llm
 from tfx.model.loss import shifted_targets
 from tfx.model.projector import TokenAdaptiveProjector
+from tfx.model.varlen import packed_attention
 from tfx.model.vision import VisionTower
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """The loss in fp32 for bf16 logits, and in the logits' own precision when higher."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def packed_attention_mask(llm_config, embeds_BTD: torch.Tensor, position_ids_BT: torch.Tensor):
-    """The block-diagonal causal mask of packed rows, in the form the LLM's attention backend
-    takes (a 4-D bool for SDPA, additive for eager, None for flash-attn, which reads the
-    boundaries from `position_ids`). Built explicitly: transformers infers it only when no
-    2-D mask and no cache are passed, and silently attends across samples otherwise."""
-    from transformers.masking_utils import create_causal_mask
-
-    return create_causal_mask(llm_config, embeds_BTD, attention_mask=None,
-                              past_key_values=None, position_ids=position_ids_BT)
 
 
 @dataclass(frozen=True)
@@ -121,11 +111,10 @@ class TokenFlexVLM(nn.Module):
         """(K, V) logits at the K supervised positions, their (K,) targets, and the (B, T)
         mask of those positions."""
         embeds_BTD = self.embed(input_ids, pixel_values, n_visual, feats_BTC, has_image)
-        if position_ids is not None:
-            attention_mask = packed_attention_mask(self.llm.config, embeds_BTD, position_ids)
-        hidden_BTD = self.llm.model(inputs_embeds=embeds_BTD, attention_mask=attention_mask,
-                                    position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
+        attention = ({"attention_mask": attention_mask} if position_ids is None else
+                     packed_attention(self.llm.config, embeds_BTD, position_ids))
+        hidden_BTD = self.llm.model(inputs_embeds=embeds_BTD, position_ids=position_ids,
+                                    use_cache=False, **attention).last_hidden_state
         targets_BT = shifted_targets(labels)
         keep_BT = targets_BT != IGNORE
         return self.llm.lm_head(hidden_BTD[keep_BT]), targets_BT[keep_BT], keep_BT
