@@ -179,6 +179,49 @@ def test_generate_answers_at_several_counts(two_rank_run, tmp_path):
     assert bad.stderr.strip().splitlines()[-1].startswith("ConfigError: --visual-tokens")
 
 
+def test_generate_answers_about_two_images_like_the_training_model(two_rank_run, tmp_path):
+    """`--image` twice, placed by the prompt's <image> tags: the CLI's greedy answer at each N
+    is the training model's on the same two-image sample."""
+    from PIL import Image
+
+    from tfx.eval.decode import greedy_answers, prompt_and_reference
+    from tfx.export.convert import processor_for
+    from tfx.export.generate import prompt_inputs
+
+    _, run = two_rank_run
+    loaded = load_model(run)
+    model, cfg, tok = loaded.model, loaded.cfg, loaded.tok
+    samples = read_eval_samples(cfg.data.eval, cfg, tok, SkipCounter(10, False))
+    sample = two_image_sample(samples[0], samples[1], tok)
+    paths = []
+    for k, s in enumerate(samples[:2]):
+        paths += ["--image", str(tmp_path / f"{k}.png")]
+        Image.fromarray(s.pixels[0].permute(1, 2, 0).numpy()).save(paths[-1])
+    prompt = "First <image> then <image>: which has more red?"  # two_image_sample's turn
+    result = run_tfx("generate", "--model", str(run), *paths, "--prompt", prompt,
+                     "--visual-tokens", "4,36", "--max-new-tokens", "4", timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = dict(ln.split(" | ", 1) for ln in result.stdout.splitlines() if ln.startswith("N="))
+    processor = processor_for(cfg, tok)
+    images = [Image.open(p) for p in paths[1::2]]
+    for n in (4, 36):
+        ids = greedy_answers(model, [sample], n, tok, max_new_tokens=4)[0]
+        assert got[f"N={n:<2}"] == processor.batch_decode([ids])[0].strip(), (n, got)
+        # what the CLI fed the model is the training prompt, both images in place
+        inputs = prompt_inputs(processor, images, prompt, n)
+        assert inputs["input_ids"][0].tolist() == prompt_and_reference(sample, n, tok)[0]
+        assert inputs["pixel_values"].shape[0] == 2
+    untagged = run_tfx("generate", "--model", str(run), *paths, "--prompt", "which has more red?",
+                       "--visual-tokens", "4", "--max-new-tokens", "2", timeout=180)
+    assert untagged.returncode == 0, untagged.stderr[-3000:]  # both images first
+    wrong = run_tfx("generate", "--model", str(run), *paths, "--prompt", "only <image> here",
+                    timeout=180)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines()[-1] == (
+        "ConfigError: --prompt has 1 <image> tags for 2 --image: one tag per image, or none "
+        "(the images then come first)")
+
+
 def test_errors_are_one_line_and_leave_out_untouched(two_rank_run, synth_dir, tmp_path):
     _, run = two_rank_run
     other = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "x"))

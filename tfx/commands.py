@@ -179,10 +179,14 @@ def cmd_convert(argv: list[str]) -> None:
 
 
 def cmd_generate(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="tfx generate", description="Answer about an image at N.")
+    p = argparse.ArgumentParser(prog="tfx generate",
+                                description="Answer about one or several images at N.")
     p.add_argument("--model", required=True, help="exported folder, run or checkpoint folder")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", required=True, action="append",
+                   help="an image file; repeat for several images in one prompt")
+    p.add_argument("--prompt", required=True,
+                   help="the question; <image> tags place the images in it (one tag per "
+                        "--image, in order), else the images come first")
     p.add_argument("--visual-tokens", default=None,
                    help="N, a comma list to compare, or auto (the router picks N per image); "
                         "default: the model's N")

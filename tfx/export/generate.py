@@ -1,4 +1,5 @@
-"""`tfx generate`: answer a question about an image at one or several N, side by side.
+"""`tfx generate`: answer a question about one or several images at one or several N, side by
+side.
 
 Data flow position: HF folder (`tfx convert`) or training checkpoint -> **generate**. A
 checkpoint is converted in memory (nothing written). Greedy decoding.
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tfx.errors import ConfigError
+from tfx.model.image_block import IMAGE_TAG
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -46,23 +48,49 @@ def parse_visual_tokens(text: str) -> list[int | str]:
         raise ConfigError(f"--visual-tokens: {text!r} is not a comma list of integers") from None
 
 
+def check_tags(prompt: str, images: int) -> int:
+    """The prompt's `<image>` tags: none, or one per image."""
+    tags = prompt.count(IMAGE_TAG)
+    if tags and tags != images:
+        raise ConfigError(f"--prompt has {tags} {IMAGE_TAG} tags for {images} --image: one tag "
+                          f"per image, or none (the images then come first)")
+    return tags
+
+
+def prompt_inputs(processor, images: list, prompt: str, n_visual: int) -> dict:
+    """The model inputs of one user turn at N. `<image>` tags in the prompt place the images
+    (one tag per image, in order, LLaVA style: the text stays as written, as in training
+    data); without tags every image comes first, each on its own line."""
+    if check_tags(prompt, len(images)):
+        text = processor.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+        return processor(images=images, text=text, num_visual_tokens=n_visual)
+    content = [*({"type": "image", "image": im} for im in images),
+               {"type": "text", "text": prompt}]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
+        return_dict=True, num_visual_tokens=n_visual)
+
+
 @torch.no_grad()
-def answer(model, processor, image, prompt: str, n_visual: int | str, max_new_tokens: int
-           ) -> str:
-    """The greedy answer at N; for "auto", prefixed with the N the router chose."""
+def answer(model, processor, images: list, prompt: str, n_visual: int | str,
+           max_new_tokens: int) -> str:
+    """The greedy answer at N (for every image, or every tile); for "auto", prefixed with the
+    N the router chose."""
     auto = n_visual == "auto"
     if auto and model.router is None:
         raise ConfigError("--visual-tokens auto: this model has no router (`tfx router train "
                           "RUN`, then export or generate from that run)")
+    if auto and len(images) != 1:
+        raise ConfigError(f"--visual-tokens auto: the router picks N for one image; got "
+                          f"{len(images)} --image (give N instead)")
     try:
         model.config.check_visual_tokens(model.config.num_visual_tokens if auto else n_visual)
     except ValueError as e:
         raise ConfigError(f"--visual-tokens: {e}") from None
-    messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": prompt}]}]
-    inputs = processor.apply_chat_template(  # for auto the model rebuilds the image block
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-        num_visual_tokens=model.config.num_visual_tokens if auto else n_visual)
+    # for auto the model rebuilds the image block at the N it picks
+    inputs = prompt_inputs(processor, images, prompt,
+                           model.config.num_visual_tokens if auto else n_visual)
     inputs = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()
               if k != "num_visual_tokens"}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -71,22 +99,28 @@ def answer(model, processor, image, prompt: str, n_visual: int | str, max_new_to
     return f"(chose N={model.last_num_visual_tokens[0]}) {text}" if auto else text
 
 
-def run_generate(model_path: str, image_path: str, prompt: str, counts: list[int] | None = None,
-                 max_new_tokens: int = 32, device: str | None = None,
-                 dtype: str | None = None) -> dict[int | str, str]:
-    """{N: answer}."""
+def read_image(path: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(image_path)
+        image = Image.open(path)
         image.load()
     except (OSError, UnidentifiedImageError) as e:
-        raise ConfigError(f"--image {image_path}: cannot read it ({e})") from None
+        raise ConfigError(f"--image {path}: cannot read it ({e})") from None
+    return image
+
+
+def run_generate(model_path: str, image_paths: list[str], prompt: str,
+                 counts: list[int] | None = None, max_new_tokens: int = 32,
+                 device: str | None = None, dtype: str | None = None) -> dict[int | str, str]:
+    """{N: answer}. Every image is read before the model loads, so a bad path fails fast."""
+    images = [read_image(p) for p in image_paths]
+    check_tags(prompt, len(images))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
     model, processor = load_for_inference(model_path, device, dtype)
     counts = counts or [model.config.num_visual_tokens]
-    return {n: answer(model, processor, image, prompt, n, max_new_tokens) for n in counts}
+    return {n: answer(model, processor, images, prompt, n, max_new_tokens) for n in counts}
 
 
 def format_answers(answers: dict[int, str]) -> str:
