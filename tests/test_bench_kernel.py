@@ -13,7 +13,8 @@ def test_bench_kernel_prints_three_providers_side_by_side(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader((out / "projector.csv").open()))
     for mode in ("fwd", "bwd", "fwd+bwd"):
-        assert {r["provider"] for r in rows if r["mode"] == mode} == {"eager", "compile", "fused"}
+        providers = {r["provider"] for r in rows if r["mode"] == mode}
+        assert providers == {"eager", "compile", "fused", "fused-store-u"}
     assert all(float(r["median_ms"]) > 0 for r in rows)
     fused = {(r["N"], r["mode"]): float(r["saved_mb"]) for r in rows if r["provider"] == "fused"}
     eager = {(r["N"], r["mode"]): float(r["saved_mb"]) for r in rows if r["provider"] == "eager"}

@@ -78,7 +78,9 @@ CASES = [(2, 9, 4, 24, 40, 20), (1, 7, 3, 16, 33, 12), (3, 6, 6, 8, 24, 17), (1,
 
 @pytest.mark.parametrize("B, side, n, C, Hd, D", CASES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
-def test_fused_projector_forward_and_all_gradients(B, side, n, C, Hd, D, dtype, tol):
+@pytest.mark.parametrize("recompute_up", [True, False], ids=["recompute-U", "store-U"])
+def test_fused_projector_forward_and_all_gradients(B, side, n, C, Hd, D, dtype, tol,
+                                                   recompute_up):
     torch.manual_seed(B + side + n)
     x = torch.randn(B, side * side, C, dtype=torch.float64, device=DEVICE, requires_grad=True)
     params = make_params(C, Hd, D)
@@ -89,7 +91,8 @@ def test_fused_projector_forward_and_all_gradients(B, side, n, C, Hd, D, dtype, 
 
     xk = x.detach().to(dtype).requires_grad_()
     pk = [p.detach().to(dtype).requires_grad_() for p in params]
-    y = fused_projector(xk, (side, side), n, pk[0], pk[1], 1e-5, *pk[2:])
+    y = fused_projector(xk, (side, side), n, pk[0], pk[1], 1e-5, *pk[2:],
+                        recompute_up=recompute_up)
     assert y.shape == (B, n * n, D) and not y.isnan().any()
     assert rel_err(y, ref) < tol
     grads = torch.autograd.grad(y, [xk, *pk], dy.to(dtype))
@@ -97,6 +100,38 @@ def test_fused_projector_forward_and_all_gradients(B, side, n, C, Hd, D, dtype, 
     for name, got, want in zip(names, grads, ref_grads):
         assert not got.isnan().any(), name
         assert rel_err(got, want) < tol * 3, (name, rel_err(got, want))
+
+
+def saved_activation_bytes(fn, x, params) -> int:
+    """Bytes autograd keeps for the backward, parameters and the input grid excluded."""
+    skip = {p.data_ptr() for p in params} | {x.data_ptr()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in skip:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, (9, 9), 4, params[0], params[1], 1e-5, *params[2:])
+    return total
+
+
+def test_fused_projector_keeps_only_the_pooled_input_and_g():
+    """P (B, N, C) and G (B*N, Hd) and nothing else; with U stored, U too. Eager keeps also
+    the LayerNorm output, U, SiLU(G) and H."""
+    from functools import partial
+
+    B, N, C, Hd, D = 2, 16, 16, 24, 8
+    x = torch.randn(B, 81, C, device=DEVICE, requires_grad=True)
+    params = [p.detach().float().requires_grad_() for p in make_params(C, Hd, D)]
+    fused = saved_activation_bytes(fused_projector, x, params)
+    stored = saved_activation_bytes(partial(fused_projector, recompute_up=False), x, params)
+    eager = saved_activation_bytes(reference_projector, x, params)
+    assert fused == 4 * B * N * (C + Hd)
+    assert stored == 4 * B * N * (C + 2 * Hd)
+    assert eager >= 4 * B * N * (2 * C + 4 * Hd)
 
 
 def test_backward_is_deterministic_and_skips_dx_for_frozen_input():

@@ -1,5 +1,6 @@
 """Projector microbenchmark: eager PyTorch, torch.compile, Liger-Kernel's SwiGLU with cuBLAS
-GEMMs (when `liger-kernel` is installed) and the fused Triton kernel, in one run.
+GEMMs (when `liger-kernel` is installed) and the fused Triton kernel (`fused`: U recomputed in
+the backward; `fused-store-u`: U kept), in one run.
 
 Modes fwd, bwd, fwd+bwd; median/p20/p80 time, TFLOP/s, percent of the GEMM floor (GPU only),
 and the bytes saved for backward (measured with saved_tensors_hooks, parameters excluded).
@@ -17,6 +18,7 @@ import platform
 import statistics
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -72,7 +74,8 @@ def providers(use_compile: bool):
         out["liger"] = liger_projector
     except ImportError:
         print("liger-kernel not installed: its row is left out (pip install liger-kernel)")
-    out["fused"] = fused_projector
+    out["fused"] = fused_projector  # recomputes U in the backward (saves P and G)
+    out["fused-store-u"] = partial(fused_projector, recompute_up=False)  # saves P, G and U
     return out
 
 

@@ -1,7 +1,7 @@
 """Gate/up GEMM with the SwiGLU in its epilogue, and the dgrad GEMM with the SwiGLU backward.
 
-Forward  (M = tokens, K = C, Hd = hidden): GU = Z @ W_gu^T + b_gu, written as [G | U] (M, 2*Hd),
-         and H = silu(G) * U (M, Hd). One program computes a (BM, BN) tile of both G and U
+Forward  (M = tokens, K = C, Hd = hidden): GU = Z @ W_gu^T + b_gu, written as G and U (M, Hd
+         each), and H = silu(G) * U (M, Hd). One program computes a (BM, BN) tile of both G and U
          (two fp32 accumulators over one pass of Z), so Z is read once for both.
 Backward: dH = dY @ W_d (M, Hd) tile-by-tile; the epilogue reads G, U and writes
          [dG | dU] and recomputes H (never stored between forward and backward).
@@ -150,7 +150,8 @@ def _round_up(v: int, m: int) -> int:
 
 
 def gateup_swiglu(z_MK: torch.Tensor, w_gu: torch.Tensor, b_gu: torch.Tensor):
-    """-> (GU (M, 2*Hd), H (M, Hd)) in z's dtype."""
+    """-> (G, U, H), each (M, Hd) in z's dtype and its own tensor (so G can be kept for the
+    backward without U)."""
     M, K = z_MK.shape
     HD = w_gu.shape[0] // 2
     a = align(z_MK.dtype)
@@ -159,33 +160,31 @@ def gateup_swiglu(z_MK: torch.Tensor, w_gu: torch.Tensor, b_gu: torch.Tensor):
         wg, wu = w_gu.chunk(2)
         w = torch.cat([_pad_to(_pad_to(wg, 0, HDp), 1, Kp), _pad_to(_pad_to(wu, 0, HDp), 1, Kp)])
         bg, bu = b_gu.chunk(2)
-        gu, h = gateup_swiglu(_pad_to(z_MK, 1, Kp), w, torch.cat([_pad_to(bg, 0, HDp),
-                                                                  _pad_to(bu, 0, HDp)]))
-        return torch.cat([gu[:, :HD], gu[:, HDp:HDp + HD]], 1), h[:, :HD].contiguous()
+        out = gateup_swiglu(_pad_to(z_MK, 1, Kp), w, torch.cat([_pad_to(bg, 0, HDp),
+                                                                _pad_to(bu, 0, HDp)]))
+        return tuple(t[:, :HD].contiguous() for t in out)
     z, w, b = z_MK.contiguous(), w_gu.contiguous(), b_gu.contiguous()
-    gu = new_output((M, 2 * HD), z)
-    h = new_output((M, HD), z)
+    g, u, h = (new_output((M, HD), z) for _ in range(3))
     _gateup[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(HD, meta["BN"]))](
-        _desc(z), _desc(w[:HD]), _desc(w[HD:]), b, _desc(gu[:, :HD]), _desc(gu[:, HD:]),
-        _desc(h), M, K, HD, DOT_FP32=INTERPRET)
-    return gu, h
+        _desc(z), _desc(w[:HD]), _desc(w[HD:]), b, _desc(g), _desc(u), _desc(h), M, K, HD,
+        DOT_FP32=INTERPRET)
+    return g, u, h
 
 
-def dgrad_swiglu(dy_MD: torch.Tensor, w_d: torch.Tensor, gu: torch.Tensor):
+def dgrad_swiglu(dy_MD: torch.Tensor, w_d: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     """-> (dGU (M, 2*Hd), H recomputed (M, Hd))."""
     M, D = dy_MD.shape
     HD = w_d.shape[1]
-    a = align(gu.dtype)
+    a = align(g.dtype)
     Dp, HDp = _round_up(D, a), _round_up(HD, a)
     if (Dp, HDp) != (D, HD):
-        g, u = gu[:, :HD], gu[:, HD:]
         dgu, h = dgrad_swiglu(_pad_to(dy_MD, 1, Dp), _pad_to(_pad_to(w_d, 0, Dp), 1, HDp),
-                              torch.cat([_pad_to(g, 1, HDp), _pad_to(u, 1, HDp)], 1))
+                              _pad_to(g, 1, HDp), _pad_to(u, 1, HDp))
         return torch.cat([dgu[:, :HD], dgu[:, HDp:HDp + HD]], 1), h[:, :HD].contiguous()
-    dy, wd, gu = dy_MD.contiguous(), w_d.contiguous(), gu.contiguous()
-    dgu = new_output((M, 2 * HD), gu)
-    h = new_output((M, HD), gu)
+    dy, wd, g, u = dy_MD.contiguous(), w_d.contiguous(), g.contiguous(), u.contiguous()
+    dgu = new_output((M, 2 * HD), g)
+    h = new_output((M, HD), g)
     _dgrad[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(HD, meta["BN"]))](
-        _desc(dy), _desc(wd), _desc(gu[:, :HD]), _desc(gu[:, HD:]), _desc(dgu[:, :HD]),
-        _desc(dgu[:, HD:]), _desc(h), M, D, HD, DOT_FP32=INTERPRET)
+        _desc(dy), _desc(wd), _desc(g), _desc(u), _desc(dgu[:, :HD]), _desc(dgu[:, HD:]),
+        _desc(h), M, D, HD, DOT_FP32=INTERPRET)
     return dgu, h

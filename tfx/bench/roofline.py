@@ -50,6 +50,8 @@ def stages(s: Shape) -> list[tuple[str, float, float]]:
         ("bwd dgrad GEMM + SwiGLU-bwd epilogue", 2 * M * D * Hd, Y + w_d + 5 * A),
         ("bwd dW_down = dY^T H", 2 * M * D * Hd, Y + A + w_d),
         ("bwd LayerNorm recompute", 0.0, 2 * P),
+        ("bwd U recompute GEMM (cuBLAS; not with recompute_up=False)", 2 * M * C * Hd,
+         P + w_gu // 2 + A),
         ("bwd dW_gate/up = dGU^T Z", 2 * M * 2 * Hd * C, 2 * A + P + w_gu),
         ("bwd dZ = dGU W_gate/up", 2 * M * 2 * Hd * C, 2 * A + w_gu + P),
         ("bwd LayerNorm backward", 0.0, 3 * P),
