@@ -1,4 +1,4 @@
-"""Attention of packed rows, one sample at a time: no T x T mask, no cross-sample scores.
+"""Attention of packed rows, one sample at a time: no cross-sample scores computed.
 
 Data flow position: packing -> splice -> **LLM attention** -> loss. A packed row's samples are
 marked by `position_ids` that restart at 0 (`tfx.data.packing`). `varlen_kwargs` turns them
