@@ -128,6 +128,12 @@ def test_flash_attention_gets_the_varlen_arguments_of_packed_rows(setup):
     for impl in ("flash_attention_2", NAME):
         cfg._attn_implementation = impl
         assert packed_attention(cfg, embeds, pos_RT)["cu_seq_lens_q"].tolist() == [0, 2, 4, 7, 8]
+    # sdpa_varlen: no T x T mask is built; an attention that read the empty one would fail
+    mask = packed_attention(cfg, embeds, pos_RT)["attention_mask"]
+    assert mask.shape == (2, 1, 0, 0)
+    q = torch.zeros(2, 2, 4, 8)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     cfg._attn_implementation = "eager"
     mask = packed_attention(cfg, embeds, pos_RT)["attention_mask"]
     assert mask.shape == (2, 1, 4, 4) and float(mask[0, 0, 2, 1]) < -1e30  # across: masked

@@ -9,8 +9,10 @@ which transformers hands to every attention call:
 - `sdpa_varlen`, registered here, runs SDPA on each sample's own slice, so a row costs the sum
   of its samples' squares instead of its full T x T, as flash-attn's varlen kernel does.
   Without those arguments (unpacked batches, generation) it is transformers' SDPA unchanged.
-  transformers still builds its (R, 1, T, T) boolean block mask from the restarting positions
-  (about 15 ms for 8 rows of 1,536 on 2 CPU cores); `sdpa_varlen` does not read it.
+  Packed calls pass an empty 4-D `attention_mask` (R, 1, 0, 0): transformers takes a 4-D mask
+  as already built, so it does not build its (R, 1, T, T) block mask (8 x 8192^2 bytes would be
+  half a GB), and any attention that did read it would fail on its shape instead of silently
+  attending across samples.
 Shape legend: R rows, T sequence, H heads, S samples.
 """
 
@@ -38,7 +40,12 @@ def packed_attention(llm_config, embeds_RTD: torch.Tensor, position_ids_RT: torc
     block-diagonal causal mask in the backend's form. The mask is built explicitly:
     transformers infers it only when no 2-D mask and no cache are passed, and silently
     attends across samples otherwise."""
-    if llm_config._attn_implementation in (NAME, "flash_attention_2", "flash_attention_3"):
+    impl = llm_config._attn_implementation
+    if impl == NAME:
+        empty = torch.ones((position_ids_RT.shape[0], 1, 0, 0), dtype=torch.bool,
+                           device=position_ids_RT.device)
+        return {"attention_mask": empty, **varlen_kwargs(position_ids_RT)}
+    if impl in ("flash_attention_2", "flash_attention_3"):  # their mask is None here anyway
         return varlen_kwargs(position_ids_RT)
     from transformers.masking_utils import create_causal_mask
 
