@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 NAME = "sdpa_varlen"
+BOUNDS = "tfx_packed_bounds"  # keyword: `cu_seq_lens_q` as Python ints (sdpa_varlen only)
 
 
 def varlen_kwargs(position_ids_RT: torch.Tensor) -> dict:
@@ -44,7 +45,9 @@ def packed_attention(llm_config, embeds_RTD: torch.Tensor, position_ids_RT: torc
     if impl == NAME:
         empty = torch.ones((position_ids_RT.shape[0], 1, 0, 0), dtype=torch.bool,
                            device=position_ids_RT.device)
-        return {"attention_mask": empty, **varlen_kwargs(position_ids_RT)}
+        kw = varlen_kwargs(position_ids_RT)
+        # the offsets as Python ints once per forward, not one device sync per layer
+        return {"attention_mask": empty, **kw, BOUNDS: tuple(kw["cu_seq_lens_q"].tolist())}
     if impl in ("flash_attention_2", "flash_attention_3"):  # their mask is None here anyway
         return varlen_kwargs(position_ids_RT)
     from transformers.masking_utils import create_causal_mask
@@ -61,6 +64,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.pop("cu_seq_lens_q", None)
+    bounds = kwargs.pop(BOUNDS, None)
     for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(k, None)
     if cu is None:
@@ -69,7 +73,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError(f"{NAME}: sliding-window attention with packed rows")
     R, _, T, _ = query.shape
-    bounds = cu.tolist()
+    bounds = bounds or cu.tolist()
     rows = [[] for _ in range(R)]
     for start, end in zip(bounds[:-1], bounds[1:]):
         r, a, b = start // T, start % T, start % T + (end - start)
