@@ -93,6 +93,9 @@ def routed(synth_dir, tmp_path_factory):
     conv = run_tfx("convert", str(run), str(out), "--check", timeout=300)
     assert conv.returncode == 0, conv.stderr[-2000:]  # the router's weights count too
     assert "parity passed" in conv.stdout
+    card = (out / "README.md").read_text()  # the model card says how auto works here
+    assert "## Automatic N (router)" in card and "[1, 4, 9, 16, 25, 36]" in card
+    assert 'num_visual_tokens="auto"' in card
     return run, out, ev.stdout
 
 
@@ -179,6 +182,7 @@ def test_auto_without_a_router_is_a_clear_error(two_rank_run, tmp_path):
     _, run = two_rank_run
     out = tmp_path / "plain"
     assert run_tfx("convert", str(run), str(out), timeout=180).returncode == 0
+    assert "Automatic N" not in (out / "README.md").read_text()
     png = tmp_path / "x.png"
     from PIL import Image
 

@@ -76,10 +76,30 @@ def accuracy_table(run_dir: Path) -> tuple[str, Path | None]:
     return "\n".join(lines), png if png.is_file() else None
 
 
+def router_section(router: dict | None) -> str:
+    """What `num_visual_tokens="auto"` does in this export (empty without a router)."""
+    if router is None:
+        return ""
+    ladder = list(router["ladder"])
+    return f"""
+## Automatic N (router)
+
+This export carries a router (`tfx router train`, `tfx/model/router.py`):
+`model.generate(**inputs, num_visual_tokens="auto")` picks N per image from {ladder}: the
+smallest N whose predicted probability of answering as N = {ladder[-1]} does is at least
+tau = {router["tau"]:.3g} (chosen on a calibration split, the cheapest keeping 99 % of
+N = {ladder[-1]}'s accuracy). Its inputs are the share of the tower grid's variance each pooling
+throws away, the grid's mean and std, and the prompt's mean input embedding (a small MLP).
+`model.last_num_visual_tokens` says what it chose. One image per
+row; the tower runs once for the choice and again in the pass at the chosen N. The processor's
+N for an `auto` call does not matter: the model rebuilds the image block at its choice.
+"""
+
+
 def write_card(folder: Path, cfg: RunConfig, run_dir: Path, tag: str,
-               final: Path | None = None) -> None:
+               final: Path | None = None, router: dict | None = None) -> None:
     """README.md (and eval.png) into `folder`; the snippet loads from `final` (where the folder
-    will be once written; default: `folder`)."""
+    will be once written; default: `folder`). `router`: the exported router's config."""
     final = final or folder
     side, size = cfg.model.vision.grid_side, cfg.model.vision.image_size
     trained = sorted(cfg.tokens.counts)
@@ -138,5 +158,5 @@ for n in ({", ".join(str(n) for n in trained)}):  # any n*n up to {side * side}
 
 The same through `pipeline("image-text-to-text", model=folder, trust_remote_code=True)` with
 `num_visual_tokens=n` as a keyword. One N per batch; fewer tokens answer faster.
-"""
+{router_section(router)}"""
     (folder / "README.md").write_text(text)

@@ -189,10 +189,10 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "fp32", config: st
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        write_folder(to_hf(model, cfg, tok, run_router(loaded)), processor_for(cfg, tok), tmp,
-                     dtype,
+        router = run_router(loaded)
+        write_folder(to_hf(model, cfg, tok, router), processor_for(cfg, tok), tmp, dtype,
                      max_shard_size)
-        write_card(tmp, cfg, loaded.run_dir, tag, final=out)
+        write_card(tmp, cfg, loaded.run_dir, tag, final=out, router=router[0])
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
