@@ -14,6 +14,7 @@ import yaml
 from tfx.auto.outcomes import Outcomes
 from tfx.data.decode import SkipCounter
 from tfx.data.pipeline import read_eval_samples
+from tfx.errors import ConfigError
 from tfx.model.router import SufficiencyRouter, choose, pooling_residuals
 from tfx.train.load import load_model
 
@@ -69,6 +70,24 @@ def test_consistency_labels_and_the_choice():
     assert choose(sure, [1, 4, 9, 16], 0.99) == [1] * 5
 
 
+def test_correct_labels_ask_for_tokens_only_where_the_top_rung_is_right():
+    hits = torch.tensor([[False, True, True, True],  # right from rung 1 up
+                         [True, False, True, True],  # right at 0 by luck: only rung 2 up
+                         [False, True, False, False],  # top wrong: nothing to lose anywhere
+                         [False, False, False, True]])
+    answers = [["a", "b", "b", "b"], ["x", "y", "x", "x"], ["c", "d", "e", "f"],
+               ["g", "h", "i", "j"]]
+    t = Outcomes([1, 4, 9, 16], ["k0", "k1", "k2", "k3"], ["cell"] * 4, [1] * 4, answers,
+                 hits, torch.zeros(4, 2))
+    assert t.correct_SK().tolist() == [[False, True, True, True], [False, False, True, True],
+                                       [True, True, True, True], [False, False, False, True]]
+    # consistency asks for the top rung on row 2, whose answer changes with N but is never right
+    assert t.stable_SK()[2].tolist() == [False, False, False, True]
+    assert torch.equal(t.labels_SK("consistency"), t.stable_SK())
+    with pytest.raises(ConfigError, match="--labels 'any'"):
+        t.labels_SK("any")
+
+
 @pytest.fixture(scope="module")
 def routed(synth_dir, tmp_path_factory):
     """A tiny flex run, its router, `tfx eval --auto`, and its export. Trained briefly (40
@@ -83,10 +102,15 @@ def routed(synth_dir, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-2000:]
     missing = run_tfx("eval", str(run), "--auto", timeout=120)
     assert missing.returncode == 2 and "tfx router train" in last_line(missing)
+    # consistency labels: this barely trained model is wrong at every N on most samples, so
+    # the default correctness labels would send all of them to N = 1, and the export checks
+    # below need a router that picks several N
     result = run_tfx("router", "train", str(run), "--router-data", str(synth_dir / "train"),
-                     "--calib-data", str(synth_dir / "eval"), timeout=300)
+                     "--calib-data", str(synth_dir / "eval"), "--labels", "consistency",
+                     timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "router for N in [1, 4, 9, 16, 25, 36]" in result.stdout
+    assert json.loads((run / "router" / "router.json").read_text())["labels"] == "consistency"
     ev = run_tfx("eval", str(run), "--auto", timeout=300)
     assert ev.returncode == 0, ev.stderr[-2000:]
     out = folder / "export"
@@ -214,7 +238,9 @@ def test_router_choice_is_stable_under_rounding_noise():
     grids = torch.rand(200, 36, 8) * 3
     q = torch.randn(200, 4)
     feats = router_features(grids, 6, [1, 2, 3, 4, 5, 6], q)
-    assert feats.shape == (200, 4 + 2 * 8 + 4)  # residuals at n = 2..5 only
+    # residuals at n = 2..5 only, then the question; not the grid's mean and std, whose
+    # 2 x tower-width inputs let the router memorise its labels
+    assert feats.shape == (200, 4 + 4)
     answers = [["a" if (i + k) % 3 else "b" for k in range(5)] + ["a"] for i in range(200)]
     table = Outcomes([1, 4, 9, 16, 25, 36], [str(i) for i in range(200)], ["cell"] * 200,
                      [0] * 200, answers, torch.zeros(200, 6, dtype=torch.bool), feats)

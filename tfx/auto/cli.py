@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from tfx.auto.outcomes import LABELS
+
 
 def router_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tfx router", description="The auto visual-token budget.")
@@ -23,6 +25,10 @@ def router_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep", type=float, default=0.99,
                    help="the threshold is the cheapest keeping this share of the top N's "
                         "accuracy on the calib split")
+    t.add_argument("--labels", choices=LABELS, default=LABELS[0],
+                   help="'N_k suffices' when no larger rung is wrong where the top rung is "
+                        "right (correct, default), or when every larger rung gives the top "
+                        "rung's answer (consistency: no answer key)")
     t.add_argument("--hidden", type=int, default=32, help="router MLP width")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=64)
@@ -52,5 +58,5 @@ def main(argv: list[str]) -> None:
 
     result = run_router_train(args.run, args.router_data, args.calib_data, args.ladder,
                               args.keep, args.batch_size, args.hidden, args.seed, args.device,
-                              args.dtype)
+                              args.dtype, args.labels)
     print(result["line"])

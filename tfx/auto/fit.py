@@ -3,8 +3,10 @@
 Data flow position: checkpoint -> outcome tables of the `router` and `calib` splits
 (`tfx.auto.outcomes`) -> **router fit (router split) -> threshold (calib split)** -> router/
 beside the run's checkpoints: `router.safetensors` (weights) and `router.json` (ladder,
-threshold, features, the calibration curve). Labels need no answer key: "N_k suffices" when
-the answer at N_k and at every larger rung equals the top rung's answer. The threshold is the
+threshold, features, the calibration curve). Labels come from the model's own answers at each
+rung: by default "N_k suffices" when no rung from N_k up is wrong where the top rung is right
+(`--labels correct`, from the router split's answer key); `--labels consistency` needs no
+answer key: the answer at N_k and at every larger rung equals the top rung's. The threshold is the
 cheapest one whose calibration accuracy keeps `keep` (default 99%) of the top rung's.
 """
 
@@ -17,26 +19,30 @@ import torch
 import torch.nn.functional as F
 
 from tfx.auto.outcomes import (
+    LABELS,
     Outcomes,
     build_outcomes,
     cached_outcomes,
     default_ladder,
     parse_ladder,
+    table_key,
 )
 from tfx.errors import ConfigError
 from tfx.log import get_logger
-from tfx.model.router import FEATURES_VERSION, SufficiencyRouter, choose
+from tfx.model.router import SufficiencyRouter, choose
 
 log = get_logger(__name__)
 TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9995, 0.9999]
 
 
 def fit_router(table: Outcomes, hidden: int = 32, steps: int = 300, lr: float = 3e-3,
-               weight_decay: float = 1e-2, seed: int = 0) -> SufficiencyRouter:
-    """BCE per rung on the consistency labels; features standardised on the training set."""
+               weight_decay: float = 1e-2, seed: int = 0,
+               labels: str = LABELS[0]) -> SufficiencyRouter:
+    """BCE per rung on the table's `labels` ("correct" or "consistency", `Outcomes`);
+    features standardised on the training set."""
     torch.manual_seed(seed)
     x = table.feats_SF.float()
-    y = table.stable_SK()[:, :-1].float()
+    y = table.labels_SK(labels)[:, :-1].float()
     router = SufficiencyRouter(x.shape[1], len(table.ladder), hidden)
     router.shift.copy_(x.mean(0))
     router.scale.copy_(x.std(0).clamp_min(1e-3))  # a near-constant feature stays near 0
@@ -104,17 +110,18 @@ def load_router(folder: Path) -> tuple[SufficiencyRouter, dict]:
 
 
 def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
-                        hidden: int = 32, seed: int = 0) -> tuple[SufficiencyRouter, dict]:
-    router = fit_router(train, hidden=hidden, seed=seed)
+                        hidden: int = 32, seed: int = 0,
+                        labels: str = LABELS[0]) -> tuple[SufficiencyRouter, dict]:
+    router = fit_router(train, hidden=hidden, seed=seed, labels=labels)
     curve = threshold_curve(router, calib)
     top = calib.hits_SK[:, -1].float().mean().item()
     point = pick_threshold(curve, top, keep)
     if point is None:  # no threshold keeps enough: always the top rung
         point = {"tau": 1.0, "accuracy": top, "tokens": float(calib.ladder[-1])}
     meta = {"ladder": train.ladder, "tau": point["tau"], "keep": keep, "hidden": hidden,
-            "in_dim": train.feats_SF.shape[1], "seed": seed,
-            "features": "pooling residuals at each rung, grid mean, grid std, prompt "
-                        "embedding (tfx/model/router.py)",
+            "in_dim": train.feats_SF.shape[1], "seed": seed, "labels": labels,
+            "features": "pooling residuals at each rung, prompt embedding "
+                        "(tfx/model/router.py)",
             "train_samples": len(train.keys), "calib_samples": len(calib.keys),
             "calib": {"top_accuracy": top, "point": point, "curve": curve}}
     return router, meta
@@ -141,10 +148,12 @@ def split_data(loaded, given: str | None, split: str) -> str:
 def run_router_train(path: str, router_data: str | None = None, calib_data: str | None = None,
                      ladder: str | None = None, keep: float = 0.99, batch_size: int = 64,
                      hidden: int = 32, seed: int = 0, device: str | None = None,
-                     dtype: str | None = None) -> dict:
+                     dtype: str | None = None, labels: str = LABELS[0]) -> dict:
     from tfx.eval.runner import default_device, default_dtype, eval_samples
     from tfx.train.load import load_model
 
+    if labels not in LABELS:
+        raise ConfigError(f"--labels {labels!r}: one of {', '.join(LABELS)}")
     if not 0 < keep <= 1:
         raise ConfigError(f"--keep {keep}: a share of the top rung's accuracy in (0, 1]")
     device = default_device(device)
@@ -156,13 +165,13 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
     for split, given in (("router", router_data), ("calib", calib_data)):
         data = split_data(loaded, given, split)
         samples, _ = eval_samples(loaded, data)
-        key = {"tag": loaded.tag, "ladder": rungs, "data": str(Path(data).resolve()),
-               "keys": len(samples), "features": FEATURES_VERSION}
+        key = table_key(loaded.tag, rungs, str(Path(data).resolve()), len(samples))
         tables[split] = cached_outcomes(
             loaded.run_dir / "router", split, key,
             lambda: build_outcomes(loaded.model, samples, loaded.tok, rungs, batch_size,
                                    what=f"({split})"))
-    router, meta = train_and_calibrate(tables["router"], tables["calib"], keep, hidden, seed)
+    router, meta = train_and_calibrate(tables["router"], tables["calib"], keep, hidden, seed,
+                                       labels)
     meta |= {"checkpoint": str(path), "tag": loaded.tag,
              "grid_side": side, "oracle_calib_tokens": policy_point(
                  tables["calib"], [rungs[k] for k in tables["calib"].oracle_rung().tolist()])}

@@ -19,9 +19,12 @@ from tfx.data.collate import pixel_fields
 from tfx.errors import ConfigError
 from tfx.eval.decode import greedy_answers, prompt_and_reference, question_embeddings
 from tfx.log import get_logger
-from tfx.model.router import router_features
+from tfx.model.router import FEATURES_VERSION, router_features
 
 log = get_logger(__name__)
+
+
+LABELS = ("correct", "consistency")  # the router's "N_k suffices" labels; the first is the default
 
 
 @dataclass
@@ -39,6 +42,19 @@ class Outcomes:
         the consistency label ("N_k suffices")."""
         same = torch.tensor([[a == row[-1] for a in row] for row in self.answers])
         return same.flip(1).cummin(dim=1).values.flip(1)
+
+    def correct_SK(self) -> torch.Tensor:
+        """True where neither rung k nor any larger rung is wrong on a sample the top rung gets
+        right: the correctness label ("N_k loses nothing"). It needs the answer key and, unlike
+        the consistency label, does not ask for more tokens where the top rung is wrong too
+        (where more N changes the answer but not the accuracy)."""
+        ok = self.hits_SK | ~self.hits_SK[:, -1:]
+        return ok.flip(1).cummin(dim=1).values.flip(1)
+
+    def labels_SK(self, kind: str) -> torch.Tensor:
+        if kind not in LABELS:
+            raise ConfigError(f"--labels {kind!r}: one of {', '.join(LABELS)}")
+        return self.correct_SK() if kind == "correct" else self.stable_SK()
 
     def oracle_rung(self) -> torch.Tensor:
         """(S,) index of the smallest sufficient rung."""
@@ -110,6 +126,12 @@ def build_outcomes(model, samples, tok, ladder: list[int], batch_size: int = 64,
         log.info(f"outcome table{' ' + what if what else ''}: {len(keys)}/{len(samples)} "
                  f"samples at N = {ladder}")
     return Outcomes(ladder, keys, kinds, grids, answers, torch.tensor(hits), torch.cat(feats))
+
+
+def table_key(tag: str, ladder: list[int], data: str, samples: int) -> dict:
+    """What a cached table must have been built for to be reused."""
+    return {"tag": tag, "ladder": ladder, "data": data, "keys": samples,
+            "features": FEATURES_VERSION}
 
 
 def cached_outcomes(folder: Path, split: str, key: dict, build) -> Outcomes:

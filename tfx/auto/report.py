@@ -18,13 +18,19 @@ from pathlib import Path
 import torch
 
 from tfx.auto.fit import load_router, policy_point, threshold_curve
-from tfx.auto.outcomes import Outcomes, build_outcomes, cached_outcomes, image_features
+from tfx.auto.outcomes import (
+    Outcomes,
+    build_outcomes,
+    cached_outcomes,
+    image_features,
+    table_key,
+)
 from tfx.errors import ConfigError
 from tfx.eval.decode import greedy_answers, prompt_and_reference
 from tfx.eval.plots import pyplot
 from tfx.eval.runner import default_device, default_dtype, eval_samples
 from tfx.log import get_logger
-from tfx.model.router import FEATURES_VERSION, choose
+from tfx.model.router import choose
 from tfx.train.load import load_model
 
 log = get_logger(__name__)
@@ -178,8 +184,7 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
         raise ConfigError(f"{folder} was trained on {meta.get('tag')}, but {path} is "
                           f"{loaded.tag}: run `tfx router train {path}` again")
     samples, skipped = eval_samples(loaded, data)
-    key = {"tag": loaded.tag, "ladder": meta["ladder"], "data": str(data),
-           "keys": len(samples), "features": FEATURES_VERSION}
+    key = table_key(loaded.tag, meta["ladder"], str(data), len(samples))
     table = cached_outcomes(folder, "eval", key, lambda: build_outcomes(
         loaded.model, samples, loaded.tok, meta["ladder"], batch_size, what="(eval)"))
     with torch.no_grad():

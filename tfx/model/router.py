@@ -1,6 +1,6 @@
-"""The auto-budget router: per image and question, the smallest N that already gives the answer
-the largest N gives. Torch only; `tfx convert` copies it into exports beside `projector.py`,
-so training (`tfx router train`), `tfx eval --auto` and the exported model's
+"""The auto-budget router: per image and question, the smallest N that loses nothing against
+the largest N (labels: `tfx.auto.outcomes`). Torch only; `tfx convert` copies it into exports
+beside `projector.py`, so training (`tfx router train`), `tfx eval --auto` and the exported model's
 `num_visual_tokens="auto"` read the same features through the same code.
 
 Its inputs cost nothing extra in a pooled-projector model: the tower's patch grid, computed
@@ -8,8 +8,11 @@ for any N before N is chosen, and the LLM's input embeddings of the prompt.
 - Pooling residuals: for each rung n x n of the ladder, the share of the grid's feature
   variance that n x n adaptive average pooling throws away (mean within-bin variance over
   the total; 0 at n = grid side). Large where detail is lost.
-- The grid's mean and standard deviation over patches: what the image holds.
 - The mean input embedding of the prompt's text tokens: what is asked.
+The grid's own mean and standard deviation (2 x the tower width) were inputs too until they
+were found to let the router memorise its few thousand labels: with them it found no threshold
+keeping 99 % of the top rung's calibration accuracy below N_max; without them it does, far
+below (docs/results/auto-budget.md).
 An MLP maps them to one logit per rung below the top, q_n = P(N_n suffices); q is made
 monotone in N (a cummax: if a smaller N suffices, a larger one does), and the choice is the
 smallest rung with q_n >= tau, else the top rung. Shape legend: B images, T patches, C tower
@@ -53,19 +56,17 @@ def prompt_embedding(embeds_BTD: torch.Tensor, text_BT: torch.Tensor) -> torch.T
     return ((embeds_BTD * w).sum(1) / w.sum(1).clamp_min(1)).float()
 
 
-FEATURES_VERSION = 2  # bump when the features change: cached outcome tables are then rebuilt
+FEATURES_VERSION = 3  # bump when the features change: cached outcome tables are then rebuilt
 
 
 def router_features(feats_BTC: torch.Tensor, side: int, sides: list[int],
                     question_BD: torch.Tensor) -> torch.Tensor:
-    """(B, K' + 2C + D): residuals at the rungs strictly between 1 x 1 and the full grid (those
-    two are 1 and 0 for every image: constants that rounding would turn into noise once
-    standardised), the grid's mean and std, the question."""
+    """(B, K' + D): residuals at the rungs strictly between 1 x 1 and the full grid (those two
+    are 1 and 0 for every image: constants that rounding would turn into noise once
+    standardised), then the question."""
     sides = [n for n in sides if 1 < n < side]
-    x = feats_BTC.float()
-    mean = x.mean(1)
-    std = ((x * x).mean(1) - mean * mean).clamp_min(0).sqrt()
-    return torch.cat([pooling_residuals(x, side, sides), mean, std, question_BD.float()], dim=1)
+    return torch.cat([pooling_residuals(feats_BTC.float(), side, sides), question_BD.float()],
+                     dim=1)
 
 
 class SufficiencyRouter(nn.Module):
