@@ -23,6 +23,7 @@ from tfx.auto.outcomes import (
     Outcomes,
     build_outcomes,
     cached_outcomes,
+    check_labels,
     default_ladder,
     parse_ladder,
     table_key,
@@ -152,8 +153,7 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
     from tfx.eval.runner import default_device, default_dtype, eval_samples
     from tfx.train.load import load_model
 
-    if labels not in LABELS:
-        raise ConfigError(f"--labels {labels!r}: one of {', '.join(LABELS)}")
+    check_labels(labels)  # before the model loads and the tables are built
     if not 0 < keep <= 1:
         raise ConfigError(f"--keep {keep}: a share of the top rung's accuracy in (0, 1]")
     device = default_device(device)

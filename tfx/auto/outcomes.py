@@ -27,6 +27,11 @@ log = get_logger(__name__)
 LABELS = ("correct", "consistency")  # the router's "N_k suffices" labels; the first is the default
 
 
+def check_labels(kind: str) -> None:
+    if kind not in LABELS:
+        raise ConfigError(f"--labels {kind!r}: one of {', '.join(LABELS)}")
+
+
 @dataclass
 class Outcomes:
     ladder: list[int]
@@ -52,8 +57,7 @@ class Outcomes:
         return ok.flip(1).cummin(dim=1).values.flip(1)
 
     def labels_SK(self, kind: str) -> torch.Tensor:
-        if kind not in LABELS:
-            raise ConfigError(f"--labels {kind!r}: one of {', '.join(LABELS)}")
+        check_labels(kind)
         return self.correct_SK() if kind == "correct" else self.stable_SK()
 
     def oracle_rung(self) -> torch.Tensor:
