@@ -27,6 +27,11 @@ log = get_logger(__name__)
 LABELS = ("correct", "consistency")  # the router's "N_k suffices" labels; the first is the default
 
 
+def from_here_up(ok_SK: torch.Tensor) -> torch.Tensor:
+    """True at rung k where `ok_SK` holds at k and at every larger rung."""
+    return ok_SK.flip(1).cummin(dim=1).values.flip(1)
+
+
 def check_labels(kind: str) -> None:
     if kind not in LABELS:
         raise ConfigError(f"--labels {kind!r}: one of {', '.join(LABELS)}")
@@ -45,16 +50,14 @@ class Outcomes:
     def stable_SK(self) -> torch.Tensor:
         """True where the answer at rung k, and at every larger rung, is the top rung's answer:
         the consistency label ("N_k suffices")."""
-        same = torch.tensor([[a == row[-1] for a in row] for row in self.answers])
-        return same.flip(1).cummin(dim=1).values.flip(1)
+        return from_here_up(torch.tensor([[a == row[-1] for a in row] for row in self.answers]))
 
     def correct_SK(self) -> torch.Tensor:
         """True where neither rung k nor any larger rung is wrong on a sample the top rung gets
         right: the correctness label ("N_k loses nothing"). It needs the answer key and, unlike
         the consistency label, does not ask for more tokens where the top rung is wrong too
         (where more N changes the answer but not the accuracy)."""
-        ok = self.hits_SK | ~self.hits_SK[:, -1:]
-        return ok.flip(1).cummin(dim=1).values.flip(1)
+        return from_here_up(self.hits_SK | ~self.hits_SK[:, -1:])
 
     def labels_SK(self, kind: str) -> torch.Tensor:
         check_labels(kind)
