@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from tfx.auto.fit import fit_router, out_of_fold, train_and_calibrate
 from tfx.auto.outcomes import Outcomes
 from tfx.data.decode import SkipCounter
 from tfx.data.pipeline import read_eval_samples
@@ -88,6 +89,55 @@ def test_correct_labels_ask_for_tokens_only_where_the_top_rung_is_right():
         t.labels_SK("any")
 
 
+def noise_table(samples: int, seed: int) -> Outcomes:
+    """Random features, and a rung-0 label that is a coin flip: nothing to learn, everything to
+    memorise."""
+    g = torch.Generator().manual_seed(seed)
+    hits = torch.ones(samples, 3, dtype=torch.bool)
+    hits[:, 0] = torch.rand(samples, generator=g) < 0.5
+    return Outcomes([1, 4, 9], [f"k{seed}-{i}" for i in range(samples)], ["cell"] * samples,
+                    [2] * samples, [["a", "a", "a"]] * samples, hits,
+                    torch.randn(samples, 40, generator=g))
+
+
+def test_out_of_fold_scores_come_from_routers_that_never_saw_the_sample():
+    t = noise_table(200, 0)
+    y = t.labels_SK("correct")[:, 0]
+    router = fit_router(t)
+    with torch.no_grad():
+        seen = router(t.feats_SF)[:, 0] > 0.5
+    unseen = out_of_fold(t)[:, 0] > 0.5
+    assert (seen == y).float().mean() > 0.95  # fitted on the sample: it remembers the coin
+    assert (unseen == y).float().mean() < 0.65  # not fitted on it: a guess
+
+
+def test_outcome_rows_and_concat_keep_every_field_aligned():
+    a, b = noise_table(5, 1), noise_table(3, 2)
+    both = Outcomes.concat(a, b)
+    assert both.keys == a.keys + b.keys and torch.equal(both.feats_SF[5:], b.feats_SF)
+    picked = both.rows(torch.tensor([6, 0]))
+    assert picked.keys == [b.keys[1], a.keys[0]]
+    assert torch.equal(picked.hits_SK, torch.stack([b.hits_SK[1], a.hits_SK[0]]))
+    assert torch.equal(picked.feats_SF[1], a.feats_SF[0])
+    with pytest.raises(ConfigError, match="different ladders"):
+        Outcomes.concat(a, Outcomes([1, 4], [], [], [], [], torch.zeros(0, 2, dtype=torch.bool),
+                                    torch.zeros(0, 40)))
+
+
+def test_crossfit_calibration_measures_the_threshold_on_both_splits():
+    train, calib = noise_table(120, 3), noise_table(60, 4)
+    _, split = train_and_calibrate(train, calib, calibrate="split")
+    _, cross = train_and_calibrate(train, calib, calibrate="crossfit")
+    assert (split["calib_samples"], split["train_samples"]) == (60, 120)
+    assert (cross["calib_samples"], cross["train_samples"]) == (180, 180)
+    assert cross["calibrate"] == "crossfit" and cross["folds"] == 5
+    # a router fitted on noise: its in-sample scores would look sure; out of fold they do not,
+    # so no cheap threshold keeps 99 % of the top rung's accuracy on the pooled questions
+    assert cross["calib"]["point"]["tokens"] > 4
+    with pytest.raises(ConfigError, match="--calibrate 'both'"):
+        train_and_calibrate(train, calib, calibrate="both")
+
+
 @pytest.fixture(scope="module")
 def routed(synth_dir, tmp_path_factory):
     """A tiny flex run, its router, `tfx eval --auto`, and its export. Trained briefly (40
@@ -110,7 +160,11 @@ def routed(synth_dir, tmp_path_factory):
                      timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "router for N in [1, 4, 9, 16, 25, 36]" in result.stdout
-    assert json.loads((run / "router" / "router.json").read_text())["labels"] == "consistency"
+    meta = json.loads((run / "router" / "router.json").read_text())
+    assert meta["labels"] == "consistency" and meta["calibrate"] == "crossfit"
+    counts = [len(torch.load(run / "router" / f"outcomes-{split}.pt")["table"]["keys"])
+              for split in ("router", "calib")]
+    assert meta["calib_samples"] == sum(counts)  # the threshold saw both splits' questions
     ev = run_tfx("eval", str(run), "--auto", timeout=300)
     assert ev.returncode == 0, ev.stderr[-2000:]
     out = folder / "export"

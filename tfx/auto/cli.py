@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from tfx.auto.fit import CALIBRATE
 from tfx.auto.outcomes import LABELS
 
 
@@ -29,6 +30,10 @@ def router_parser() -> argparse.ArgumentParser:
                    help="'N_k suffices' when no larger rung is wrong where the top rung is "
                         "right (correct, default), or when every larger rung gives the top "
                         "rung's answer (consistency: no answer key)")
+    t.add_argument("--calibrate", choices=CALIBRATE, default=CALIBRATE[0],
+                   help="where the threshold's accuracy is measured: the router and calib "
+                        "splits pooled, each question scored by a router fitted without it "
+                        "(crossfit, default), or the calib split alone (split)")
     t.add_argument("--hidden", type=int, default=32, help="router MLP width")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=64)
@@ -58,5 +63,5 @@ def main(argv: list[str]) -> None:
 
     result = run_router_train(args.run, args.router_data, args.calib_data, args.ladder,
                               args.keep, args.batch_size, args.hidden, args.seed, args.device,
-                              args.dtype, args.labels)
+                              args.dtype, args.labels, args.calibrate)
     print(result["line"])

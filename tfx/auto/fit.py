@@ -7,7 +7,11 @@ threshold, features, the calibration curve). Labels come from the model's own an
 rung: by default "N_k suffices" when no rung from N_k up is wrong where the top rung is right
 (`--labels correct`, from the router split's answer key); `--labels consistency` needs no
 answer key: the answer at N_k and at every larger rung equals the top rung's. The threshold is the
-cheapest one whose calibration accuracy keeps `keep` (default 99%) of the top rung's.
+cheapest one whose calibration accuracy keeps `keep` (default 99%) of the top rung's. By default
+(`--calibrate crossfit`) that accuracy is measured on the router and calib splits pooled, each
+sample scored by a router fitted without it (`FOLDS` folds), and the router served is then
+fitted on all of them; `--calibrate split` fits on the router split and measures on calib only
+(a third of the questions: the threshold it picks is noisier).
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ from tfx.model.router import SufficiencyRouter, choose
 
 log = get_logger(__name__)
 TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9995, 0.9999]
+CALIBRATE = ("crossfit", "split")  # how the threshold is measured; the first is the default
+FOLDS = 5
+
+
+def check_calibrate(kind: str) -> None:
+    if kind not in CALIBRATE:
+        raise ConfigError(f"--calibrate {kind!r}: one of {', '.join(CALIBRATE)}")
 
 
 def fit_router(table: Outcomes, hidden: int = 32, steps: int = 300, lr: float = 3e-3,
@@ -67,10 +78,29 @@ def policy_point(table: Outcomes, choices: list[int]) -> dict:
     return {"accuracy": hits.float().mean().item(), "tokens": sum(choices) / len(choices)}
 
 
+def curve_of(q_SK: torch.Tensor, table: Outcomes) -> list[dict]:
+    """The policy point at every threshold of TAUS, for per-sample sufficiency scores `q_SK`."""
+    return [{"tau": tau} | policy_point(table, choose(q_SK, table.ladder, tau)) for tau in TAUS]
+
+
 @torch.no_grad()
 def threshold_curve(router: SufficiencyRouter, table: Outcomes) -> list[dict]:
-    q = router(table.feats_SF)
-    return [{"tau": tau} | policy_point(table, choose(q, table.ladder, tau)) for tau in TAUS]
+    return curve_of(router(table.feats_SF), table)
+
+
+def out_of_fold(table: Outcomes, folds: int = FOLDS, hidden: int = 32, seed: int = 0,
+                labels: str = LABELS[0]) -> torch.Tensor:
+    """(S, K) every sample's q from a router fitted on the other folds (a random split into
+    `folds` parts): scores as unseen as a held-out split's, for all S samples."""
+    order = torch.randperm(len(table.keys), generator=torch.Generator().manual_seed(seed))
+    parts = [order[f::folds] for f in range(folds)]
+    q_SK = torch.empty(len(table.keys), len(table.ladder))
+    for f, held in enumerate(parts):
+        rest = torch.cat([p for g, p in enumerate(parts) if g != f])
+        router = fit_router(table.rows(rest), hidden=hidden, seed=seed + 1 + f, labels=labels)
+        with torch.no_grad():
+            q_SK[held] = router(table.feats_SF[held])
+    return q_SK
 
 
 def pick_threshold(curve: list[dict], top_accuracy: float, keep: float) -> dict:
@@ -111,19 +141,29 @@ def load_router(folder: Path) -> tuple[SufficiencyRouter, dict]:
 
 
 def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
-                        hidden: int = 32, seed: int = 0,
-                        labels: str = LABELS[0]) -> tuple[SufficiencyRouter, dict]:
-    router = fit_router(train, hidden=hidden, seed=seed, labels=labels)
-    curve = threshold_curve(router, calib)
-    top = calib.hits_SK[:, -1].float().mean().item()
+                        hidden: int = 32, seed: int = 0, labels: str = LABELS[0],
+                        calibrate: str = CALIBRATE[0]) -> tuple[SufficiencyRouter, dict]:
+    check_calibrate(calibrate)
+    if calibrate == "split":
+        router = fit_router(train, hidden=hidden, seed=seed, labels=labels)
+        scored, fitted_on = calib, train
+        with torch.no_grad():
+            q_SK = router(calib.feats_SF)
+    else:
+        scored = fitted_on = Outcomes.concat(train, calib)
+        q_SK = out_of_fold(scored, FOLDS, hidden, seed, labels)
+        router = fit_router(scored, hidden=hidden, seed=seed, labels=labels)
+    curve = curve_of(q_SK, scored)
+    top = scored.hits_SK[:, -1].float().mean().item()
     point = pick_threshold(curve, top, keep)
     if point is None:  # no threshold keeps enough: always the top rung
-        point = {"tau": 1.0, "accuracy": top, "tokens": float(calib.ladder[-1])}
+        point = {"tau": 1.0, "accuracy": top, "tokens": float(scored.ladder[-1])}
     meta = {"ladder": train.ladder, "tau": point["tau"], "keep": keep, "hidden": hidden,
             "in_dim": train.feats_SF.shape[1], "seed": seed, "labels": labels,
+            "calibrate": calibrate, "folds": FOLDS if calibrate == "crossfit" else None,
             "features": "pooling residuals at each rung, prompt embedding "
                         "(tfx/model/router.py)",
-            "train_samples": len(train.keys), "calib_samples": len(calib.keys),
+            "train_samples": len(fitted_on.keys), "calib_samples": len(scored.keys),
             "calib": {"top_accuracy": top, "point": point, "curve": curve}}
     return router, meta
 
@@ -149,11 +189,13 @@ def split_data(loaded, given: str | None, split: str) -> str:
 def run_router_train(path: str, router_data: str | None = None, calib_data: str | None = None,
                      ladder: str | None = None, keep: float = 0.99, batch_size: int = 64,
                      hidden: int = 32, seed: int = 0, device: str | None = None,
-                     dtype: str | None = None, labels: str = LABELS[0]) -> dict:
+                     dtype: str | None = None, labels: str = LABELS[0],
+                     calibrate: str = CALIBRATE[0]) -> dict:
     from tfx.eval.runner import default_device, default_dtype, eval_samples
     from tfx.train.load import load_model
 
     check_labels(labels)  # before the model loads and the tables are built
+    check_calibrate(calibrate)
     if not 0 < keep <= 1:
         raise ConfigError(f"--keep {keep}: a share of the top rung's accuracy in (0, 1]")
     device = default_device(device)
@@ -171,7 +213,7 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
             lambda: build_outcomes(loaded.model, samples, loaded.tok, rungs, batch_size,
                                    what=f"({split})"))
     router, meta = train_and_calibrate(tables["router"], tables["calib"], keep, hidden, seed,
-                                       labels)
+                                       labels, calibrate)
     meta |= {"checkpoint": str(path), "tag": loaded.tag,
              "grid_side": side, "oracle_calib_tokens": policy_point(
                  tables["calib"], [rungs[k] for k in tables["calib"].oracle_rung().tolist()])}
@@ -181,5 +223,6 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
     return {"folder": str(folder), "meta": meta,
             "line": f"router for N in {rungs}: tau {point['tau']} keeps "
                     f"{point['accuracy']:.3f} (top rung {meta['calib']['top_accuracy']:.3f}) "
-                    f"at {point['tokens']:.1f} mean visual tokens on the calib split; wrote "
+                    f"at {point['tokens']:.1f} mean visual tokens on "
+                    f"{meta['calib_samples']} calibration questions ({calibrate}); wrote "
                     f"{folder}/router.safetensors and router.json"}

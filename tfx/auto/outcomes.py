@@ -67,6 +67,23 @@ class Outcomes:
         """(S,) index of the smallest sufficient rung."""
         return self.stable_SK().int().argmax(dim=1)
 
+    def rows(self, index: torch.Tensor) -> "Outcomes":
+        """The samples at `index` (a 1-D long tensor), in that order."""
+        i = index.tolist()
+        return Outcomes(self.ladder, [self.keys[k] for k in i], [self.kinds[k] for k in i],
+                        [self.grids[k] for k in i], [self.answers[k] for k in i],
+                        self.hits_SK[index], self.feats_SF[index])
+
+    @classmethod
+    def concat(cls, *tables: "Outcomes") -> "Outcomes":
+        if any(t.ladder != tables[0].ladder for t in tables):
+            raise ConfigError(f"outcome tables of different ladders: "
+                              f"{[t.ladder for t in tables]}")
+        return cls(tables[0].ladder, sum((t.keys for t in tables), []),
+                   sum((t.kinds for t in tables), []), sum((t.grids for t in tables), []),
+                   sum((t.answers for t in tables), []),
+                   torch.cat([t.hits_SK for t in tables]), torch.cat([t.feats_SF for t in tables]))
+
     def to_dict(self) -> dict:
         return {"ladder": self.ladder, "keys": self.keys, "kinds": self.kinds,
                 "grids": self.grids, "answers": self.answers, "hits": self.hits_SK,

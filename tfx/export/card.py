@@ -87,9 +87,10 @@ def router_section(router: dict | None) -> str:
 This export carries a router (`tfx router train`, `tfx/model/router.py`):
 `model.generate(**inputs, num_visual_tokens="auto")` picks N per image from {ladder}: the
 smallest N whose predicted probability of losing nothing against N = {ladder[-1]} is at least
-tau = {router["tau"]:.3g} (chosen on a calibration split, the cheapest keeping 99 % of
-N = {ladder[-1]}'s accuracy). Its inputs are the share of the tower grid's variance each pooling
-throws away and the prompt's mean input embedding (a small MLP).
+tau = {router["tau"]:.3g} (chosen on held-out questions, the cheapest keeping
+{100 * router.get("keep", 0.99):.3g} % of N = {ladder[-1]}'s accuracy there). Its inputs are the
+share of the tower grid's variance each pooling throws away and the prompt's mean input
+embedding (a small MLP).
 `model.last_num_visual_tokens` says what it chose. One image per
 row; the tower runs once for the choice and again in the pass at the chosen N. The processor's
 N for an `auto` call does not matter: the model rebuilds the image block at its choice.

@@ -87,7 +87,7 @@ def run_router(loaded) -> tuple[dict | None, dict]:
             f"{folder} was trained on {meta.get('tag')}, not {loaded.tag}: not exported "
             f"(run `tfx router train` on this checkpoint for num_visual_tokens='auto')")
         return None, {}
-    keep = ("ladder", "tau", "in_dim", "hidden")
+    keep = ("ladder", "tau", "keep", "in_dim", "hidden")
     return {k: meta[k] for k in keep}, {f"router.{k}": v for k, v in router.state_dict().items()}
 
 

@@ -45,7 +45,8 @@ class TokenFlexConfig(PreTrainedConfig):
     image_end_id: int = 0
     tie_word_embeddings: bool = False
     # the auto-budget router (`tfx router train`), when exported with one: {"ladder": [N...],
-    # "tau": threshold, "in_dim": features, "hidden": MLP width}; None: no "auto" N
+    # "tau": threshold, "keep": the share of N_max's accuracy tau was chosen to keep, "in_dim":
+    # features, "hidden": MLP width}; None: no "auto" N
     router: dict | None = None
 
     def __post_init__(self, **kwargs):
