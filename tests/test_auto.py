@@ -11,7 +11,13 @@ import pytest
 import torch
 import yaml
 
-from tfx.auto.fit import fit_router, out_of_fold, train_and_calibrate
+from tfx.auto.fit import (
+    calibration_curve,
+    fit_router,
+    out_of_fold,
+    pick_threshold,
+    train_and_calibrate,
+)
 from tfx.auto.outcomes import Outcomes
 from tfx.data.decode import SkipCounter
 from tfx.data.pipeline import read_eval_samples
@@ -136,6 +142,21 @@ def test_crossfit_calibration_measures_the_threshold_on_both_splits():
     assert cross["calib"]["point"]["tokens"] > 4
     with pytest.raises(ConfigError, match="--calibrate 'both'"):
         train_and_calibrate(train, calib, calibrate="both")
+
+
+def test_a_confident_threshold_pays_for_the_doubt_the_estimate_ignores():
+    hits = torch.ones(100, 2, dtype=torch.bool)
+    hits[7, 0] = False  # N = 1 keeps exactly 99 % of N = 4's accuracy on these 100
+    t = Outcomes([1, 4], [f"k{i}" for i in range(100)], ["cell"] * 100, [2] * 100,
+                 [["a", "a"]] * 100, hits, torch.zeros(100, 1))
+    q = torch.tensor([[0.9, 1.0]]).repeat(100, 1)  # every sample: N = 1 while tau <= 0.9
+    estimate = pick_threshold(calibration_curve(q, t, keep=0.99))
+    assert estimate["tokens"] == 1.0 and estimate["accuracy"] == pytest.approx(0.99)
+    sure = pick_threshold(calibration_curve(q, t, keep=0.99, confidence=0.9))
+    assert sure["tokens"] == 4.0 and sure["tau"] > 0.9  # one miss in 100 could be 2 in 100
+    assert pick_threshold(calibration_curve(q, t, keep=1.0, confidence=0.9))["tokens"] == 4.0
+    with pytest.raises(ConfigError, match="--confidence 1.0"):
+        train_and_calibrate(t, t, confidence=1.0)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,10 @@ def router_parser() -> argparse.ArgumentParser:
                    help="where the threshold's accuracy is measured: the router and calib "
                         "splits pooled, each question scored by a router fitted without it "
                         "(crossfit, default), or the calib split alone (split)")
+    t.add_argument("--confidence", type=float, default=0.5,
+                   help="how sure the threshold must be of keeping --keep: a one-sided lower "
+                        "bound at this confidence must clear it (0.5, default: the estimate "
+                        "itself; 0.9: costs tokens, misses less often)")
     t.add_argument("--hidden", type=int, default=32, help="router MLP width")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=64)
@@ -63,5 +67,5 @@ def main(argv: list[str]) -> None:
 
     result = run_router_train(args.run, args.router_data, args.calib_data, args.ladder,
                               args.keep, args.batch_size, args.hidden, args.seed, args.device,
-                              args.dtype, args.labels, args.calibrate)
+                              args.dtype, args.labels, args.calibrate, args.confidence)
     print(result["line"])

@@ -11,13 +11,16 @@ cheapest one whose calibration accuracy keeps `keep` (default 99%) of the top ru
 (`--calibrate crossfit`) that accuracy is measured on the router and calib splits pooled, each
 sample scored by a router fitted without it (`FOLDS` folds), and the router served is then
 fitted on all of them; `--calibrate split` fits on the router split and measures on calib only
-(a third of the questions: the threshold it picks is noisier).
+(a third of the questions: the threshold it picks is noisier). `--confidence c` asks that a
+one-sided c lower bound of the kept share clear `keep`, not just its estimate (0.5, default).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,11 @@ def check_calibrate(kind: str) -> None:
         raise ConfigError(f"--calibrate {kind!r}: one of {', '.join(CALIBRATE)}")
 
 
+def check_confidence(confidence: float) -> None:
+    if not 0.5 <= confidence < 1:
+        raise ConfigError(f"--confidence {confidence}: in [0.5, 1) (0.5: the point estimate)")
+
+
 def fit_router(table: Outcomes, hidden: int = 32, steps: int = 300, lr: float = 3e-3,
                weight_decay: float = 1e-2, seed: int = 0,
                labels: str = LABELS[0]) -> SufficiencyRouter:
@@ -70,17 +78,40 @@ def fit_router(table: Outcomes, hidden: int = 32, steps: int = 300, lr: float = 
     return router.eval()
 
 
-def policy_point(table: Outcomes, choices: list[int]) -> dict:
-    """Accuracy and mean visual tokens when each sample runs once at its chosen N."""
+def chosen_hits(table: Outcomes, choices: list[int]) -> torch.Tensor:
+    """(S,) bool: each sample's answer is right at its chosen N."""
     index = {n: k for k, n in enumerate(table.ladder)}
     picked = torch.tensor([index[n] for n in choices])
-    hits = table.hits_SK[torch.arange(len(choices)), picked]
-    return {"accuracy": hits.float().mean().item(), "tokens": sum(choices) / len(choices)}
+    return table.hits_SK[torch.arange(len(choices)), picked]
+
+
+def policy_point(table: Outcomes, choices: list[int]) -> dict:
+    """Accuracy and mean visual tokens when each sample runs once at its chosen N."""
+    return {"accuracy": chosen_hits(table, choices).float().mean().item(),
+            "tokens": sum(choices) / len(choices)}
 
 
 def curve_of(q_SK: torch.Tensor, table: Outcomes) -> list[dict]:
     """The policy point at every threshold of TAUS, for per-sample sufficiency scores `q_SK`."""
     return [{"tau": tau} | policy_point(table, choose(q_SK, table.ladder, tau)) for tau in TAUS]
+
+
+def calibration_curve(q_SK: torch.Tensor, table: Outcomes, keep: float,
+                      confidence: float = 0.5) -> list[dict]:
+    """`curve_of`, each point with `bound`: a one-sided `confidence` lower bound on (accuracy
+    - keep x the top rung's accuracy), from the paired per-sample difference (its mean less z
+    standard errors; z = 0 at confidence 0.5, the point estimate). A point keeps `keep` when
+    its bound is >= 0."""
+    z = NormalDist().inv_cdf(confidence)
+    top = table.hits_SK[:, -1].double()
+    out = []
+    for tau in TAUS:
+        choices = choose(q_SK, table.ladder, tau)
+        d = chosen_hits(table, choices).double() - keep * top
+        se = d.std().item() / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        out.append({"tau": tau} | policy_point(table, choices)
+                   | {"bound": d.mean().item() - z * se})
+    return out
 
 
 @torch.no_grad()
@@ -103,10 +134,10 @@ def out_of_fold(table: Outcomes, folds: int = FOLDS, hidden: int = 32, seed: int
     return q_SK
 
 
-def pick_threshold(curve: list[dict], top_accuracy: float, keep: float) -> dict:
-    """The cheapest point whose accuracy is >= keep * the top rung's (the top rung itself,
-    tau = 1, when none is)."""
-    ok = [p for p in curve if p["accuracy"] >= keep * top_accuracy]
+def pick_threshold(curve: list[dict]) -> dict | None:
+    """The cheapest point of a `calibration_curve` that keeps its share (bound >= 0); None when
+    none does."""
+    ok = [p for p in curve if p["bound"] >= -1e-12]  # float dust at an exact tie
     return min(ok, key=lambda p: (p["tokens"], -p["accuracy"])) if ok else None
 
 
@@ -142,8 +173,10 @@ def load_router(folder: Path) -> tuple[SufficiencyRouter, dict]:
 
 def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
                         hidden: int = 32, seed: int = 0, labels: str = LABELS[0],
-                        calibrate: str = CALIBRATE[0]) -> tuple[SufficiencyRouter, dict]:
+                        calibrate: str = CALIBRATE[0],
+                        confidence: float = 0.5) -> tuple[SufficiencyRouter, dict]:
     check_calibrate(calibrate)
+    check_confidence(confidence)
     if calibrate == "split":
         router = fit_router(train, hidden=hidden, seed=seed, labels=labels)
         scored, fitted_on = calib, train
@@ -153,14 +186,15 @@ def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
         scored = fitted_on = Outcomes.concat(train, calib)
         q_SK = out_of_fold(scored, FOLDS, hidden, seed, labels)
         router = fit_router(scored, hidden=hidden, seed=seed, labels=labels)
-    curve = curve_of(q_SK, scored)
+    curve = calibration_curve(q_SK, scored, keep, confidence)
     top = scored.hits_SK[:, -1].float().mean().item()
-    point = pick_threshold(curve, top, keep)
+    point = pick_threshold(curve)
     if point is None:  # no threshold keeps enough: always the top rung
         point = {"tau": 1.0, "accuracy": top, "tokens": float(scored.ladder[-1])}
     meta = {"ladder": train.ladder, "tau": point["tau"], "keep": keep, "hidden": hidden,
             "in_dim": train.feats_SF.shape[1], "seed": seed, "labels": labels,
             "calibrate": calibrate, "folds": FOLDS if calibrate == "crossfit" else None,
+            "confidence": confidence,
             "features": "pooling residuals at each rung, prompt embedding "
                         "(tfx/model/router.py)",
             "train_samples": len(fitted_on.keys), "calib_samples": len(scored.keys),
@@ -190,12 +224,13 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
                      ladder: str | None = None, keep: float = 0.99, batch_size: int = 64,
                      hidden: int = 32, seed: int = 0, device: str | None = None,
                      dtype: str | None = None, labels: str = LABELS[0],
-                     calibrate: str = CALIBRATE[0]) -> dict:
+                     calibrate: str = CALIBRATE[0], confidence: float = 0.5) -> dict:
     from tfx.eval.runner import default_device, default_dtype, eval_samples
     from tfx.train.load import load_model
 
     check_labels(labels)  # before the model loads and the tables are built
     check_calibrate(calibrate)
+    check_confidence(confidence)
     if not 0 < keep <= 1:
         raise ConfigError(f"--keep {keep}: a share of the top rung's accuracy in (0, 1]")
     device = default_device(device)
@@ -213,7 +248,7 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
             lambda: build_outcomes(loaded.model, samples, loaded.tok, rungs, batch_size,
                                    what=f"({split})"))
     router, meta = train_and_calibrate(tables["router"], tables["calib"], keep, hidden, seed,
-                                       labels, calibrate)
+                                       labels, calibrate, confidence)
     meta |= {"checkpoint": str(path), "tag": loaded.tag,
              "grid_side": side, "oracle_calib_tokens": policy_point(
                  tables["calib"], [rungs[k] for k in tables["calib"].oracle_rung().tolist()])}
