@@ -197,7 +197,7 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
     keep = keep if keep is not None else meta["keep"]
     report = {"checkpoint": str(path), "tag": loaded.tag, "samples": len(samples),
               "skipped": skipped, "ladder": meta["ladder"], "tau": meta["tau"],
-              "calib": meta["calib"]["point"], **result,
+              "calib": meta["calib"]["point"], "chosen_on": chosen_on(meta), **result,
               "live": {k: v for k, v in live.items() if k != "per_sample"},
               "per_sample": live["per_sample"], "cost": cost,
               "vs_top": paired_ci(table, choices),
@@ -221,6 +221,16 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
     return report
 
 
+def chosen_on(meta: dict) -> str:
+    """Where the router's threshold was measured, in words (routers from before
+    `--calibrate` were all fitted on `router/` and thresholded on `calib/`)."""
+    how = meta.get("calibrate", "split")
+    where = (f"{meta['calib_samples']} router + calib questions, out of fold"
+             if how == "crossfit" else "calib")
+    conf = meta.get("confidence", 0.5)
+    return where if conf == 0.5 else f"{where}, confidence {conf}"
+
+
 def markdown(r: dict) -> str:
     top = r["fixed"][-1]
     lines = ["| policy | mean visual tokens | % of N_max | accuracy | % of N_max's |",
@@ -238,7 +248,8 @@ def markdown(r: dict) -> str:
     for p in r["router"]:
         if p["tau"] in (0.1, 0.3, 0.5, 0.7, 0.9):
             row(f"router, tau = {p['tau']}", p)
-    row(f"**router, tau = {r['tau']} (chosen on calib)**", r["operating_point"])
+    row(f"**router, tau = {r['tau']} (chosen on {r.get('chosen_on', 'calib')})**",
+        r["operating_point"])
     row("router, live run of that point", r["live"])
     g, c = r["goal"], r["cost"]
     d = r["vs_top"]
@@ -280,7 +291,7 @@ def plot(r: dict, path: Path, title: str) -> None:
             label="router, threshold sweep")
     op = r["operating_point"]
     ax.scatter([op["tokens"]], [op["accuracy"]], marker="*", s=160, color="C3", zorder=4,
-               label=f"operating point (tau {r['tau']}, from calib)")
+               label=f"operating point (tau {r['tau']}, from {r.get('chosen_on', 'calib')})")
     ax.scatter([r["oracle"]["tokens"]], [r["oracle"]["accuracy"]], marker="D", color="C2",
                zorder=4, label="consistency oracle")
     ax.set_xlabel("mean visual tokens per sample (all passes)")
