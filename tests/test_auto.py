@@ -218,6 +218,26 @@ def test_eval_auto_runs_the_operating_point_as_simulated(routed):
         assert 0 <= kind["accuracy"] <= 1 and kind["samples"] > 0
 
 
+def test_router_reliability_measures_the_rule_on_halves_it_did_not_pick_on(routed, tmp_path):
+    run, _, _ = routed
+    result = run_tfx("router", "reliability", str(run), "--halves", "20",
+                     "--confidence", "0.5,0.95", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((run / "router" / "reliability.json").read_text())
+    low, high = report["rows"]
+    assert (low["confidence"], high["confidence"]) == (0.5, 0.95) and report["halves"] == 20
+    for r in report["rows"]:
+        assert 0 <= r["kept_within_goal"] <= r["kept"] <= 1 and 0 < r["token_share"] <= 1
+    assert high["token_share"] >= low["token_share"]  # surer costs tokens, never saves them
+    assert "| 0.95 |" in result.stdout and "20 halves" in result.stdout
+    empty = tmp_path / "no-router"
+    empty.mkdir()
+    missing = run_tfx("router", "reliability", str(empty), timeout=60)
+    assert missing.returncode == 2 and "tfx router train" in last_line(missing)
+    bad = run_tfx("router", "reliability", str(run), "--confidence", "0.5,x", timeout=60)
+    assert bad.returncode == 2 and "--confidence '0.5,x'" in last_line(bad)
+
+
 def test_router_train_again_keeps_the_previous_router(routed, synth_dir):
     run, _, _ = routed
     before = (run / "router" / "router.json").read_text()

@@ -8,6 +8,7 @@ import argparse
 
 from tfx.auto.fit import CALIBRATE
 from tfx.auto.outcomes import LABELS
+from tfx.errors import ConfigError
 
 
 def router_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,16 @@ def router_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--device", default=None)
     t.add_argument("--dtype", default=None)
+    r = sub.add_parser("reliability", help="how often the threshold rule keeps --keep on "
+                       "questions it did not see, from the router and calib splits alone")
+    r.add_argument("run", help="a run folder `tfx router train` has written router/ in")
+    r.add_argument("--keep", type=float, default=0.99)
+    r.add_argument("--confidence", default="0.5,0.8,0.9,0.95",
+                   help="comma list of the confidences to compare")
+    r.add_argument("--halves", type=int, default=200, help="random half splits")
+    r.add_argument("--goal-share", type=float, default=0.45,
+                   help="the token share the goal allows (of the top N's)")
+    r.add_argument("--labels", choices=LABELS, default=LABELS[0])
     c = sub.add_parser("check", help="an export's num_visual_tokens='auto', in a fresh "
                        "process without tfx, against tfx eval RUN --auto")
     c.add_argument("export", help="the folder `tfx convert RUN` wrote")
@@ -62,6 +73,17 @@ def main(argv: list[str]) -> None:
             bad = [r for r in result["rows"] if (r["want"]["n"], r["want"]["answer"])
                    != (r["got"]["n"], r["got"]["answer"])][:3]
             raise AutoMismatch(f"the export routes or answers differently: {bad}")
+        return
+    if args.what == "reliability":
+        from tfx.auto.reliability import run_reliability
+
+        try:
+            confidences = tuple(float(x) for x in args.confidence.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(f"--confidence {args.confidence!r}: a comma list such as "
+                              "0.5,0.9") from None
+        print(run_reliability(args.run, args.keep, confidences, args.halves, args.goal_share,
+                              args.labels)["table"])
         return
     from tfx.auto.fit import run_router_train
 

@@ -37,7 +37,7 @@ from tfx.auto.outcomes import (
 )
 from tfx.errors import ConfigError
 from tfx.log import get_logger
-from tfx.model.router import SufficiencyRouter, choose
+from tfx.model.router import SufficiencyRouter, choose, choose_index
 
 log = get_logger(__name__)
 TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9995, 0.9999]
@@ -103,14 +103,17 @@ def calibration_curve(q_SK: torch.Tensor, table: Outcomes, keep: float,
     standard errors; z = 0 at confidence 0.5, the point estimate). A point keeps `keep` when
     its bound is >= 0."""
     z = NormalDist().inv_cdf(confidence)
-    top = table.hits_SK[:, -1].double()
+    top_S = table.hits_SK[:, -1].double()
+    ladder_K = torch.tensor(table.ladder, dtype=torch.float64)
+    rows_S = torch.arange(len(top_S))
     out = []
     for tau in TAUS:
-        choices = choose(q_SK, table.ladder, tau)
-        d = chosen_hits(table, choices).double() - keep * top
+        k_S = choose_index(q_SK, tau)
+        hit_S = table.hits_SK[rows_S, k_S].double()
+        d = hit_S - keep * top_S
         se = d.std().item() / math.sqrt(len(d)) if len(d) > 1 else 0.0
-        out.append({"tau": tau} | policy_point(table, choices)
-                   | {"bound": d.mean().item() - z * se})
+        out.append({"tau": tau, "accuracy": hit_S.mean().item(),
+                    "tokens": ladder_K[k_S].mean().item(), "bound": d.mean().item() - z * se})
     return out
 
 

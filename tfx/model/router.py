@@ -88,7 +88,11 @@ class SufficiencyRouter(nn.Module):
         return torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
 
 
+def choose_index(q_BK: torch.Tensor, tau: float) -> torch.Tensor:
+    """(B,) the index of the smallest rung whose q reaches tau (the top rung's q is 1)."""
+    return (q_BK >= tau).int().argmax(dim=1)
+
+
 def choose(q_BK: torch.Tensor, ladder: list[int], tau: float) -> list[int]:
-    """The smallest N of `ladder` whose q reaches tau (the top rung's q is 1)."""
-    first = (q_BK >= tau).int().argmax(dim=1)
-    return [ladder[i] for i in first.tolist()]
+    """The smallest N of `ladder` whose q reaches tau."""
+    return [ladder[i] for i in choose_index(q_BK, tau).tolist()]
