@@ -186,6 +186,10 @@ def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
         with torch.no_grad():
             q_SK = router(calib.feats_SF)
     else:
+        shared = len(set(train.keys) & set(calib.keys))
+        if shared:  # the same question in two folds is not out of fold
+            log.warning(f"{shared} samples are in both the router and the calib data: their "
+                        "crossfit scores are not held out; give disjoint splits")
         scored = fitted_on = Outcomes.concat(train, calib)
         q_SK = out_of_fold(scored, FOLDS, hidden, seed, labels)
         router = fit_router(scored, hidden=hidden, seed=seed, labels=labels)
