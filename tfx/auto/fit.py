@@ -37,7 +37,7 @@ from tfx.auto.outcomes import (
 )
 from tfx.errors import ConfigError
 from tfx.log import get_logger
-from tfx.model.router import SufficiencyRouter, choose, choose_index
+from tfx.model.router import SufficiencyRouter, choose_index
 
 log = get_logger(__name__)
 TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9995, 0.9999]
@@ -78,30 +78,21 @@ def fit_router(table: Outcomes, hidden: int = 32, steps: int = 300, lr: float = 
     return router.eval()
 
 
-def chosen_hits(table: Outcomes, choices: list[int]) -> torch.Tensor:
-    """(S,) bool: each sample's answer is right at its chosen N."""
-    index = {n: k for k, n in enumerate(table.ladder)}
-    picked = torch.tensor([index[n] for n in choices])
-    return table.hits_SK[torch.arange(len(choices)), picked]
-
-
 def policy_point(table: Outcomes, choices: list[int]) -> dict:
     """Accuracy and mean visual tokens when each sample runs once at its chosen N."""
-    return {"accuracy": chosen_hits(table, choices).float().mean().item(),
-            "tokens": sum(choices) / len(choices)}
+    index = {n: k for k, n in enumerate(table.ladder)}
+    picked = torch.tensor([index[n] for n in choices])
+    hits = table.hits_SK[torch.arange(len(choices)), picked]
+    return {"accuracy": hits.float().mean().item(), "tokens": sum(choices) / len(choices)}
 
 
-def curve_of(q_SK: torch.Tensor, table: Outcomes) -> list[dict]:
-    """The policy point at every threshold of TAUS, for per-sample sufficiency scores `q_SK`."""
-    return [{"tau": tau} | policy_point(table, choose(q_SK, table.ladder, tau)) for tau in TAUS]
-
-
-def calibration_curve(q_SK: torch.Tensor, table: Outcomes, keep: float,
+def calibration_curve(q_SK: torch.Tensor, table: Outcomes, keep: float | None = None,
                       confidence: float = 0.5) -> list[dict]:
-    """`curve_of`, each point with `bound`: a one-sided `confidence` lower bound on (accuracy
-    - keep x the top rung's accuracy), from the paired per-sample difference (its mean less z
-    standard errors; z = 0 at confidence 0.5, the point estimate). A point keeps `keep` when
-    its bound is >= 0."""
+    """The policy point (accuracy, mean tokens) at every threshold of TAUS, for per-sample
+    sufficiency scores `q_SK`. Given `keep`, each point also has `bound`: a one-sided
+    `confidence` lower bound on (accuracy - keep x the top rung's accuracy), from the paired
+    per-sample difference (its mean less z standard errors; z = 0 at confidence 0.5, the point
+    estimate). A point keeps `keep` when its bound is >= 0."""
     z = NormalDist().inv_cdf(confidence)
     top_S = table.hits_SK[:, -1].double()
     ladder_K = torch.tensor(table.ladder, dtype=torch.float64)
@@ -110,16 +101,19 @@ def calibration_curve(q_SK: torch.Tensor, table: Outcomes, keep: float,
     for tau in TAUS:
         k_S = choose_index(q_SK, tau)
         hit_S = table.hits_SK[rows_S, k_S].double()
-        d = hit_S - keep * top_S
-        se = d.std().item() / math.sqrt(len(d)) if len(d) > 1 else 0.0
-        out.append({"tau": tau, "accuracy": hit_S.mean().item(),
-                    "tokens": ladder_K[k_S].mean().item(), "bound": d.mean().item() - z * se})
+        point = {"tau": tau, "accuracy": hit_S.mean().item(),
+                 "tokens": ladder_K[k_S].mean().item()}
+        if keep is not None:
+            d = hit_S - keep * top_S
+            se = d.std().item() / math.sqrt(len(d)) if len(d) > 1 else 0.0
+            point["bound"] = d.mean().item() - z * se
+        out.append(point)
     return out
 
 
 @torch.no_grad()
 def threshold_curve(router: SufficiencyRouter, table: Outcomes) -> list[dict]:
-    return curve_of(router(table.feats_SF), table)
+    return calibration_curve(router(table.feats_SF), table)
 
 
 def out_of_fold(table: Outcomes, folds: int = FOLDS, hidden: int = 32, seed: int = 0,

@@ -158,16 +158,26 @@ def table_key(tag: str, ladder: list[int], data: str, samples: int) -> dict:
             "features": FEATURES_VERSION}
 
 
+def table_path(folder: Path, split: str) -> Path:
+    return Path(folder) / f"outcomes-{split}.pt"
+
+
+def read_table(path: Path) -> tuple[dict, Outcomes]:
+    """(the key it was built for, the table) of a cached outcome table."""
+    saved = torch.load(path, weights_only=False)
+    return saved.get("key"), Outcomes.from_dict(saved["table"])
+
+
 def cached_outcomes(folder: Path, split: str, key: dict, build) -> Outcomes:
     """The table in `folder/outcomes-<split>.pt` when it was built for the same `key`
     (checkpoint tag, ladder, data, samples), else `build()`, saved there for next time: a
     second `tfx router train` (another width, seed or --keep) skips the model passes."""
-    path = Path(folder) / f"outcomes-{split}.pt"
+    path = table_path(folder, split)
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
-        if saved.get("key") == key:
+        saved_key, table = read_table(path)
+        if saved_key == key:
             log.info(f"outcome table ({split}): reused {path}")
-            return Outcomes.from_dict(saved["table"])
+            return table
     table = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -16,20 +16,18 @@ from pathlib import Path
 import torch
 
 from tfx.auto.fit import FOLDS, calibration_curve, check_confidence, out_of_fold, pick_threshold
-from tfx.auto.outcomes import LABELS, Outcomes, check_labels
+from tfx.auto.outcomes import LABELS, Outcomes, check_labels, read_table, table_path
 from tfx.errors import ConfigError
 from tfx.model.router import choose_index
 
 
 def load_tables(run: str) -> Outcomes:
-    folder = Path(run) / "router"
-    paths = [folder / f"outcomes-{split}.pt" for split in ("router", "calib")]
+    paths = [table_path(Path(run) / "router", split) for split in ("router", "calib")]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"{', '.join(missing)} not found: run `tfx router train {run}` first "
                           "(it caches the outcome tables this reads)")
-    return Outcomes.concat(*[Outcomes.from_dict(torch.load(p, weights_only=False)["table"])
-                             for p in paths])
+    return Outcomes.concat(*[read_table(p)[1] for p in paths])
 
 
 def half_splits(table: Outcomes, q_SK: torch.Tensor, keep: float, confidences: list[float],

@@ -248,7 +248,7 @@ def markdown(r: dict) -> str:
     for p in r["router"]:
         if p["tau"] in (0.1, 0.3, 0.5, 0.7, 0.9):
             row(f"router, tau = {p['tau']}", p)
-    row(f"**router, tau = {r['tau']} (chosen on {r.get('chosen_on', 'calib')})**",
+    row(f"**router, tau = {r['tau']} (chosen on {r['chosen_on']})**",
         r["operating_point"])
     row("router, live run of that point", r["live"])
     g, c = r["goal"], r["cost"]
@@ -291,7 +291,7 @@ def plot(r: dict, path: Path, title: str) -> None:
             label="router, threshold sweep")
     op = r["operating_point"]
     ax.scatter([op["tokens"]], [op["accuracy"]], marker="*", s=160, color="C3", zorder=4,
-               label=f"operating point (tau {r['tau']}, from {r.get('chosen_on', 'calib')})")
+               label=f"operating point (tau {r['tau']}, from {r['chosen_on']})")
     ax.scatter([r["oracle"]["tokens"]], [r["oracle"]["accuracy"]], marker="D", color="C2",
                zorder=4, label="consistency oracle")
     ax.set_xlabel("mean visual tokens per sample (all passes)")
