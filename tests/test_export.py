@@ -135,6 +135,7 @@ def test_clip_llama_round_trip_sharded_and_bf16(synth_dir, tmp_path):
     raw = yaml.safe_load(tiny_config_yaml(synth_dir, tmp_path / "run"))
     raw["model"]["vision"].update(family="clip")
     raw["model"]["llm"].update(family="llama")
+    raw["model"]["projector"] = {**raw["model"].get("projector", {}), "position": "fourier"}
     set_train(raw, max_steps=2, save_every=2)
     cfg = tmp_path / "clip_llama.yaml"
     cfg.write_text(yaml.safe_dump(raw))
@@ -149,6 +150,7 @@ def test_clip_llama_round_trip_sharded_and_bf16(synth_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["vision_config"]["model_type"] == "clip_vision_model"
     assert config["text_config"]["model_type"] == "llama"
+    assert config["projector_position"] == "fourier"  # its weights are in the parity below
     parity(tmp_path / "run", out, tmp_path, counts=(1, 9, 64))
     bf16 = tmp_path / "hf16"
     result = run_tfx("convert", str(tmp_path / "run"), str(bf16), "--dtype", "bf16",

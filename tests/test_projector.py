@@ -100,3 +100,27 @@ def test_projector_param_count_matches_paper():
     proj = TokenAdaptiveProjector(1152, 3584, hidden_ratio=3.0)
     total = sum(p.numel() for p in proj.parameters())
     assert 20.3e6 < total < 20.5e6
+
+
+def test_fourier_position_starts_at_zero_and_marks_places_alike_at_every_n():
+    torch.manual_seed(0)
+    plain = TokenAdaptiveProjector(12, 20, hidden_ratio=1.0, kernel="torch")
+    placed = TokenAdaptiveProjector(12, 20, hidden_ratio=1.0, kernel="torch", position="fourier")
+    placed.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 36, 12)
+    torch.testing.assert_close(placed(x, (6, 6), 3), plain(x, (6, 6), 3))  # zero at the start
+    torch.nn.init.normal_(placed.pos.weight)
+    offsets = {n: placed(x, (6, 6), n) - plain(x, (6, 6), n) for n in (1, 3, 5)}
+    # the same offset for every image, and the image centre's token gets the same at n = 1, 3, 5
+    torch.testing.assert_close(offsets[3][0], offsets[3][1])
+    torch.testing.assert_close(offsets[3][0, 4], offsets[1][0, 0])
+    torch.testing.assert_close(offsets[5][0, 12], offsets[1][0, 0])
+    # and different places get different offsets
+    assert (offsets[3][0, 0] - offsets[3][0, 8]).abs().max() > 0.1
+    assert sum(p.numel() for p in placed.parameters()) == \
+        sum(p.numel() for p in plain.parameters()) + 32 * 20
+
+
+def test_unknown_position_is_refused():
+    with pytest.raises(ValueError, match="position 'learned'"):
+        TokenAdaptiveProjector(12, 20, position="learned")

@@ -54,6 +54,9 @@ class ProjectorConfig:
     pool: Literal["adaptive", "interp"] = "adaptive"  # adaptive_avg_pool2d bins | resize, pool
     hidden_ratio: float = 3.0  # SwiGLU hidden width = hidden_ratio * vision width
     kernel: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA
+    # none: the paper's projector; fourier: + a learned map of each token's (row, column)
+    # centre on [0, 1], the same at every N (it tells the LLM where a token sits in the image)
+    position: Literal["none", "fourier"] = "none"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,8 +26,10 @@ def _tower(cfg: RunConfig) -> str:
 
 def _projector(cfg: RunConfig) -> str:
     p = cfg.model.projector
+    where = "" if p.position == "none" else \
+        ", plus a learned map of each token's (row, column) centre (Fourier features)"
     return f"pool the grid to n x n ({p.pool} bins), LayerNorm, SwiGLU (width " \
-           f"{p.hidden_ratio} x the tower's), Linear"
+           f"{p.hidden_ratio} x the tower's), Linear{where}"
 
 
 def _llm(cfg: RunConfig) -> str:

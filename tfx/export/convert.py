@@ -64,6 +64,7 @@ def hf_config(model: TokenFlexVLM, cfg: RunConfig, tok,
     return TokenFlexConfig(
         vision_config=vision_config(model, cfg), text_config=text,
         pool=cfg.model.projector.pool, projector_hidden_size=model.projector.hidden,
+        projector_position=cfg.model.projector.position,
         num_visual_tokens=cfg.model.default_visual_tokens, min_visual_tokens=1,
         max_visual_tokens=side * side, image_token_id=tok.image_id,
         image_start_id=tok.img_start_id, image_context_id=tok.img_ctx_id,

@@ -36,6 +36,7 @@ class TokenFlexConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     pool: str = "adaptive"
     projector_hidden_size: int = 0  # 0: 3 x vision width
+    projector_position: str = "none"  # none | fourier: the projector's token-position offsets
     num_visual_tokens: int = 64
     min_visual_tokens: int = 1
     max_visual_tokens: int = 0  # 0: the whole patch grid

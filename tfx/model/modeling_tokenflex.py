@@ -75,7 +75,8 @@ class TokenFlexForConditionalGeneration(TokenFlexPreTrainedModel, GenerationMixi
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.projector = TokenAdaptiveProjector(
             config.vision_config.hidden_size, config.text_config.hidden_size,
-            hidden=config.projector_hidden_size, pool=config.pool, kernel="auto")
+            hidden=config.projector_hidden_size, pool=config.pool, kernel="auto",
+            position=config.projector_position)
         self.drop_cls = config.vision_config.model_type == "clip_vision_model"
         r = config.router
         self.router = (SufficiencyRouter(r["in_dim"], len(r["ladder"]), r["hidden"])

@@ -49,7 +49,7 @@ class TokenFlexVLM(nn.Module):
         self.projector = TokenAdaptiveProjector(
             self.vision.embed_dim, self.llm.config.hidden_size,
             hidden_ratio=cfg.projector.hidden_ratio, pool=cfg.projector.pool,
-            kernel=cfg.projector.kernel)
+            kernel=cfg.projector.kernel, position=cfg.projector.position)
 
     def visual_tokens(self, feats_BTC: torch.Tensor, n_visual: int) -> torch.Tensor:
         """The tower's (B, H*W, C) grid -> (B, N, D) visual tokens."""
