@@ -22,7 +22,7 @@ from tfx.auto.outcomes import Outcomes
 from tfx.data.decode import SkipCounter
 from tfx.data.pipeline import read_eval_samples
 from tfx.errors import ConfigError
-from tfx.model.router import SufficiencyRouter, choose, pooling_residuals
+from tfx.model.router import Router, choose, pooling_residuals
 from tfx.train.load import load_model
 
 from conftest import last_line, run_tfx, set_train, tiny_config_yaml
@@ -67,7 +67,7 @@ def test_consistency_labels_and_the_choice():
     q = torch.tensor([[0.2, 0.7, 0.9, 1.0], [0.1, 0.1, 0.3, 1.0]])
     assert choose(q, [1, 4, 9, 16], 0.5) == [4, 16]
     assert choose(q, [1, 4, 9, 16], 0.05) == [1, 1]
-    router = SufficiencyRouter(2, 4)
+    router = Router(2, 4)
     out = router(torch.randn(50, 2))
     assert (out.diff(dim=1) >= 0).all() and (out[:, -1] == 1).all()  # monotone in N
     with torch.no_grad():  # saturated: still below the top rung, so tau = 1 is "always N_max"
@@ -159,6 +159,67 @@ def test_a_confident_threshold_pays_for_the_doubt_the_estimate_ignores():
         train_and_calibrate(t, t, confidence=1.0)
 
 
+def test_the_accuracy_policy_buys_the_likeliest_right_rung_at_a_price():
+    p = torch.tensor([[0.5, 0.6, 0.6, 0.61], [0.3, 0.3, 0.3, 0.3]])
+    ladder = [1, 4, 9, 16]
+    assert choose(p, ladder, 0.0, "accuracy") == [16, 1]  # equal chances: the cheapest
+    assert choose(p, ladder, 0.01, "accuracy") == [16, 1]  # +0.01 is worth 12 more tokens
+    assert choose(p, ladder, 0.1, "accuracy") == [4, 1]  # not at this price
+    assert choose(p, ladder, 2.0, "accuracy") == [1, 1]
+    router = Router(3, 4, policy="accuracy")
+    out = router(torch.randn(20, 3))
+    assert out.shape == (20, 4) and (out[:, -1] < 1).all()  # no rung is sure of being right
+    with pytest.raises(ValueError, match="router policy 'cheapest'"):
+        Router(3, 4, policy="cheapest")
+    hits = torch.tensor([[False, True, True], [True, False, True]])
+    t = Outcomes([1, 4, 9], ["a", "b"], ["cell"] * 2, [2, 2], [["x", "y", "y"], ["z", "z", "w"]],
+                 hits, torch.zeros(2, 1))
+    assert torch.equal(t.targets_SK("accuracy", "correct"), hits)
+    assert t.targets_SK("accuracy", "consistency").tolist() == [[False, True, True],
+                                                                [False, False, True]]
+    assert t.targets_SK("sufficiency", "correct").tolist() == [[False, True], [False, False]]
+
+
+def two_kinds_table(samples: int, seed: int) -> Outcomes:
+    """Feature 0 says which half a sample is in: easy ones are right at every rung, hard ones
+    only at the top. The best policy: N = 1 for easy, N = 9 for hard (5 tokens, accuracy 1)."""
+    g = torch.Generator().manual_seed(seed)
+    easy = torch.rand(samples, generator=g) < 0.5
+    hits = torch.ones(samples, 3, dtype=torch.bool)
+    hits[:, :2] = easy[:, None]
+    feats = torch.randn(samples, 4, generator=g)
+    feats[:, 0] = easy.float() * 2 - 1
+    return Outcomes([1, 4, 9], [f"k{seed}-{i}" for i in range(samples)], ["cell"] * samples,
+                    [2] * samples, [["a", "a", "a"]] * samples, hits, feats)
+
+
+@pytest.mark.parametrize("policy", ["sufficiency", "accuracy"])
+def test_both_policies_learn_who_needs_tokens_and_the_budget_rule_spends_within_it(policy):
+    train, calib = two_kinds_table(300, 5), two_kinds_table(200, 6)
+    _, meta = train_and_calibrate(train, calib, policy=policy)
+    point = meta["calib"]["point"]
+    assert meta["policy"] == policy and meta["budget"] is None
+    assert point["accuracy"] >= 0.99 and point["tokens"] < 5.5  # fixed N = 9: 9 tokens
+    _, within = train_and_calibrate(train, calib, policy=policy, budget=0.6)
+    assert within["budget"] == 0.6 and within["calib"]["point"]["tokens"] <= 5.4
+    # the budget rule takes the most accurate point within 5.4 tokens of the curve
+    curve = [p for p in within["calib"]["curve"] if p["tokens"] <= 5.4]
+    assert within["calib"]["point"]["accuracy"] == max(p["accuracy"] for p in curve) >= 0.99
+    # 4.5 tokens cannot reach every hard sample: the accuracy policy trades some of them away
+    # at a higher price; the confident sufficiency router sends them all to N = 9 at any tau,
+    # and then the cheapest point it has stands (with a warning), not the top rung
+    _, tight = train_and_calibrate(train, calib, policy=policy, budget=0.5)
+    point, curve = tight["calib"]["point"], tight["calib"]["curve"]
+    if policy == "accuracy":
+        assert point["tokens"] <= 4.5 and point["accuracy"] < 0.99
+    else:
+        assert point["tokens"] == min(p["tokens"] for p in curve) < 9
+    with pytest.raises(ConfigError, match="--budget 0"):
+        train_and_calibrate(train, calib, budget=0.0)
+    with pytest.raises(ConfigError, match="--policy 'price'"):
+        train_and_calibrate(train, calib, policy="price")
+
+
 @pytest.fixture(scope="module")
 def routed(synth_dir, tmp_path_factory):
     """A tiny flex run, its router, `tfx eval --auto`, and its export. Trained briefly (40
@@ -229,7 +290,7 @@ def test_router_reliability_measures_the_rule_on_halves_it_did_not_pick_on(route
     for r in report["rows"]:
         assert 0 <= r["kept_within_goal"] <= r["kept"] <= 1 and 0 < r["token_share"] <= 1
     assert high["token_share"] >= low["token_share"]  # surer costs tokens, never saves them
-    assert "| 0.95 |" in result.stdout and "20 halves" in result.stdout
+    assert "| confidence 0.95 |" in result.stdout and "20 halves" in result.stdout
     empty = tmp_path / "no-router"
     empty.mkdir()
     missing = run_tfx("router", "reliability", str(empty), timeout=60)
@@ -295,6 +356,40 @@ def test_router_check_catches_a_different_router(routed, tmp_path):
     result = run_tfx("router", "check", str(other), str(run), "--samples", "8", timeout=300)
     assert result.returncode == 2
     assert "AutoMismatch" in last_line(result)
+
+
+def test_accuracy_policy_within_a_budget_serves_the_same_in_the_export(routed, synth_dir,
+                                                                     tmp_path):
+    """`--policy accuracy --budget`: router train, eval --auto, convert and the export's
+    "auto" in a fresh process, on a copy of the routed run (its outcome tables are reused)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(routed[0], run)
+    result = run_tfx("router", "train", str(run), "--router-data", str(synth_dir / "train"),
+                     "--calib-data", str(synth_dir / "eval"), "--labels", "consistency",
+                     "--policy", "accuracy", "--budget", "0.5", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "accuracy router for N in [1, 4, 9, 16, 25, 36]: price" in result.stdout
+    meta = json.loads((run / "router" / "router.json").read_text())
+    assert (meta["policy"], meta["budget"]) == ("accuracy", 0.5)
+    assert meta["calib"]["point"]["tokens"] <= 18
+    ev = run_tfx("eval", str(run), "--auto", timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    report = json.loads((run / "eval-auto" / "auto.json").read_text())
+    assert (report["policy"], report["knob"], report["tau"]) == ("accuracy", "price", meta["tau"])
+    assert report["live"]["accuracy"] == pytest.approx(report["operating_point"]["accuracy"])
+    assert report["live"]["tokens"] == pytest.approx(report["operating_point"]["tokens"])
+    assert "router, price = 0 |" in ev.stdout and "within 50 % of the tokens" in ev.stdout
+    out = tmp_path / "export"
+    conv = run_tfx("convert", str(run), str(out), "--check", timeout=300)
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["router"]["policy"], config["router"]["budget"]) == ("accuracy", 0.5)
+    assert "less price x N / 36" in (out / "README.md").read_text()
+    check = run_tfx("router", "check", str(out), str(run), "--samples", "12", timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "N equal for 12, answers equal for 12" in check.stdout
 
 
 def test_auto_without_a_router_is_a_clear_error(two_rank_run, tmp_path):

@@ -9,6 +9,7 @@ import argparse
 from tfx.auto.fit import CALIBRATE
 from tfx.auto.outcomes import LABELS
 from tfx.errors import ConfigError
+from tfx.model.router import POLICIES
 
 
 def router_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,13 @@ def router_parser() -> argparse.ArgumentParser:
                    help="how sure the threshold must be of keeping --keep: a one-sided lower "
                         "bound at this confidence must clear it (0.5, default: the estimate "
                         "itself; 0.9: costs tokens, misses less often)")
+    t.add_argument("--policy", choices=POLICIES, default=POLICIES[0],
+                   help="sufficiency (default): P(N suffices) per N, the smallest N above a "
+                        "threshold; accuracy: P(right at N) per N, the N with the best "
+                        "probability less a price per token")
+    t.add_argument("--budget", type=float, default=None,
+                   help="instead of --keep: the knob giving the best calibration accuracy "
+                        "within this share of the top N's tokens (e.g. 0.45)")
     t.add_argument("--hidden", type=int, default=32, help="router MLP width")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=64)
@@ -54,6 +62,9 @@ def router_parser() -> argparse.ArgumentParser:
     r.add_argument("--goal-share", type=float, default=0.45,
                    help="the token share the goal allows (of the top N's)")
     r.add_argument("--labels", choices=LABELS, default=LABELS[0])
+    r.add_argument("--policy", choices=POLICIES, default=POLICIES[0])
+    r.add_argument("--budget", type=float, default=None,
+                   help="also measure the --budget rule at this token share")
     c = sub.add_parser("check", help="an export's num_visual_tokens='auto', in a fresh "
                        "process without tfx, against tfx eval RUN --auto")
     c.add_argument("export", help="the folder `tfx convert RUN` wrote")
@@ -83,11 +94,12 @@ def main(argv: list[str]) -> None:
             raise ConfigError(f"--confidence {args.confidence!r}: a comma list such as "
                               "0.5,0.9") from None
         print(run_reliability(args.run, args.keep, confidences, args.halves, args.goal_share,
-                              args.labels)["table"])
+                              args.labels, policy=args.policy, budget=args.budget)["table"])
         return
     from tfx.auto.fit import run_router_train
 
     result = run_router_train(args.run, args.router_data, args.calib_data, args.ladder,
                               args.keep, args.batch_size, args.hidden, args.seed, args.device,
-                              args.dtype, args.labels, args.calibrate, args.confidence)
+                              args.dtype, args.labels, args.calibrate, args.confidence,
+                              policy=args.policy, budget=args.budget)
     print(result["line"])

@@ -1,4 +1,4 @@
-"""`tfx router train RUN`: the sufficiency router, trained on the flex model's own answers.
+"""`tfx router train RUN`: the auto-budget router, trained on the flex model's own answers.
 
 Data flow position: checkpoint -> outcome tables of the `router` and `calib` splits
 (`tfx.auto.outcomes`) -> **router fit (router split) -> threshold (calib split)** -> router/
@@ -13,6 +13,10 @@ sample scored by a router fitted without it (`FOLDS` folds), and the router serv
 fitted on all of them; `--calibrate split` fits on the router split and measures on calib only
 (a third of the questions: the threshold it picks is noisier). `--confidence c` asks that a
 one-sided c lower bound of the kept share clear `keep`, not just its estimate (0.5, default).
+`--budget s` is the other rule: the most accurate calibration point spending at most s of the
+top rung's tokens. `--policy accuracy` (`tfx.model.router`) learns P(right at N_k) at every
+rung instead of "N_k suffices", and its knob is a price per token, not a threshold: the same
+calibration rules pick it (points and router.json call either knob "tau").
 """
 
 from __future__ import annotations
@@ -37,10 +41,14 @@ from tfx.auto.outcomes import (
 )
 from tfx.errors import ConfigError
 from tfx.log import get_logger
-from tfx.model.router import SufficiencyRouter, choose_index
+from tfx.model.router import POLICIES, Router, choose_index
 
 log = get_logger(__name__)
 TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9995, 0.9999]
+# the accuracy policy's prices of the whole grid: 0 (the likeliest-right rung), 1e-3 .. 1.02 in
+# steps of x1.2, and 2 (always the cheapest rung)
+PRICES = [0.0] + [round(1e-3 * 1.2 ** i, 6) for i in range(39)] + [2.0]
+KNOBS = {"sufficiency": TAUS, "accuracy": PRICES}
 CALIBRATE = ("crossfit", "split")  # how the threshold is measured; the first is the default
 FOLDS = 5
 
@@ -50,6 +58,20 @@ def check_calibrate(kind: str) -> None:
         raise ConfigError(f"--calibrate {kind!r}: one of {', '.join(CALIBRATE)}")
 
 
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ConfigError(f"--policy {policy!r}: one of {', '.join(POLICIES)}")
+
+
+def knob_name(policy: str) -> str:
+    return "tau" if policy == "sufficiency" else "price"
+
+
+def check_budget(budget: float | None) -> None:
+    if budget is not None and not 0 < budget <= 1:
+        raise ConfigError(f"--budget {budget}: a share of the top rung's tokens in (0, 1]")
+
+
 def check_confidence(confidence: float) -> None:
     if not 0.5 <= confidence < 1:
         raise ConfigError(f"--confidence {confidence}: in [0.5, 1) (0.5: the point estimate)")
@@ -57,13 +79,13 @@ def check_confidence(confidence: float) -> None:
 
 def fit_router(table: Outcomes, hidden: int = 32, steps: int = 300, lr: float = 3e-3,
                weight_decay: float = 1e-2, seed: int = 0,
-               labels: str = LABELS[0]) -> SufficiencyRouter:
-    """BCE per rung on the table's `labels` ("correct" or "consistency", `Outcomes`);
+               labels: str = LABELS[0], policy: str = POLICIES[0]) -> Router:
+    """BCE per rung on the table's targets for `policy` and `labels` (`Outcomes.targets_SK`);
     features standardised on the training set."""
     torch.manual_seed(seed)
     x = table.feats_SF.float()
-    y = table.labels_SK(labels)[:, :-1].float()
-    router = SufficiencyRouter(x.shape[1], len(table.ladder), hidden)
+    y = table.targets_SK(policy, labels).float()
+    router = Router(x.shape[1], len(table.ladder), hidden, policy)
     router.shift.copy_(x.mean(0))
     router.scale.copy_(x.std(0).clamp_min(1e-3))  # a near-constant feature stays near 0
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
@@ -87,19 +109,19 @@ def policy_point(table: Outcomes, choices: list[int]) -> dict:
 
 
 def calibration_curve(q_SK: torch.Tensor, table: Outcomes, keep: float | None = None,
-                      confidence: float = 0.5) -> list[dict]:
-    """The policy point (accuracy, mean tokens) at every threshold of TAUS, for per-sample
-    sufficiency scores `q_SK`. Given `keep`, each point also has `bound`: a one-sided
-    `confidence` lower bound on (accuracy - keep x the top rung's accuracy), from the paired
-    per-sample difference (its mean less z standard errors; z = 0 at confidence 0.5, the point
-    estimate). A point keeps `keep` when its bound is >= 0."""
+                      confidence: float = 0.5, policy: str = POLICIES[0]) -> list[dict]:
+    """The policy point (accuracy, mean tokens) at every knob of KNOBS[policy] (stored as
+    "tau"), for per-sample router scores `q_SK`. Given `keep`, each point also has `bound`: a
+    one-sided `confidence` lower bound on (accuracy - keep x the top rung's accuracy), from the
+    paired per-sample difference (its mean less z standard errors; z = 0 at confidence 0.5, the
+    point estimate). A point keeps `keep` when its bound is >= 0."""
     z = NormalDist().inv_cdf(confidence)
     top_S = table.hits_SK[:, -1].double()
     ladder_K = torch.tensor(table.ladder, dtype=torch.float64)
     rows_S = torch.arange(len(top_S))
     out = []
-    for tau in TAUS:
-        k_S = choose_index(q_SK, tau)
+    for tau in KNOBS[policy]:
+        k_S = choose_index(q_SK, tau, table.ladder, policy)
         hit_S = table.hits_SK[rows_S, k_S].double()
         point = {"tau": tau, "accuracy": hit_S.mean().item(),
                  "tokens": ladder_K[k_S].mean().item()}
@@ -112,12 +134,12 @@ def calibration_curve(q_SK: torch.Tensor, table: Outcomes, keep: float | None = 
 
 
 @torch.no_grad()
-def threshold_curve(router: SufficiencyRouter, table: Outcomes) -> list[dict]:
-    return calibration_curve(router(table.feats_SF), table)
+def threshold_curve(router: Router, table: Outcomes) -> list[dict]:
+    return calibration_curve(router(table.feats_SF), table, policy=router.policy)
 
 
 def out_of_fold(table: Outcomes, folds: int = FOLDS, hidden: int = 32, seed: int = 0,
-                labels: str = LABELS[0]) -> torch.Tensor:
+                labels: str = LABELS[0], policy: str = POLICIES[0]) -> torch.Tensor:
     """(S, K) every sample's q from a router fitted on the other folds (a random split into
     `folds` parts): scores as unseen as a held-out split's, for all S samples."""
     order = torch.randperm(len(table.keys), generator=torch.Generator().manual_seed(seed))
@@ -125,20 +147,39 @@ def out_of_fold(table: Outcomes, folds: int = FOLDS, hidden: int = 32, seed: int
     q_SK = torch.empty(len(table.keys), len(table.ladder))
     for f, held in enumerate(parts):
         rest = torch.cat([p for g, p in enumerate(parts) if g != f])
-        router = fit_router(table.rows(rest), hidden=hidden, seed=seed + 1 + f, labels=labels)
+        router = fit_router(table.rows(rest), hidden=hidden, seed=seed + 1 + f, labels=labels,
+                            policy=policy)
         with torch.no_grad():
             q_SK[held] = router(table.feats_SF[held])
     return q_SK
 
 
-def pick_threshold(curve: list[dict]) -> dict | None:
-    """The cheapest point of a `calibration_curve` that keeps its share (bound >= 0); None when
-    none does."""
+def pick_threshold(curve: list[dict], budget_tokens: float | None = None) -> dict | None:
+    """The cheapest point of a `calibration_curve` that keeps its share (bound >= 0), or, given
+    `budget_tokens`, the most accurate point spending at most that many (the cheaper of equals);
+    None when no point qualifies."""
+    if budget_tokens is not None:
+        ok = [p for p in curve if p["tokens"] <= budget_tokens + 1e-9]
+        return min(ok, key=lambda p: (-p["accuracy"], p["tokens"])) if ok else None
     ok = [p for p in curve if p["bound"] >= -1e-12]  # float dust at an exact tie
     return min(ok, key=lambda p: (p["tokens"], -p["accuracy"])) if ok else None
 
 
-def save_router(router: SufficiencyRouter, folder: Path, meta: dict) -> None:
+def operating_point(curve: list[dict], policy: str,
+                    budget_tokens: float | None = None) -> dict | None:
+    """`pick_threshold`, with the fallbacks `router train` uses where no point qualifies: within
+    a budget, the cheapest point (a confident router's curve can stop short of it); for the
+    accuracy policy, price 0 (the most it spends); for sufficiency None, meaning tau 1 (always
+    the top rung)."""
+    point = pick_threshold(curve, budget_tokens)
+    if point is None and budget_tokens is not None:
+        return min(curve, key=lambda p: (p["tokens"], -p["accuracy"]))
+    if point is None and policy != "sufficiency":
+        return curve[0]
+    return point
+
+
+def save_router(router: Router, folder: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,23 +200,27 @@ def save_router(router: SufficiencyRouter, folder: Path, meta: dict) -> None:
     (folder / "router.json.tmp").replace(folder / "router.json")
 
 
-def load_router(folder: Path) -> tuple[SufficiencyRouter, dict]:
+def load_router(folder: Path) -> tuple[Router, dict]:
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "router.json").read_text())
-    router = SufficiencyRouter(meta["in_dim"], len(meta["ladder"]), meta["hidden"])
+    router = Router(meta["in_dim"], len(meta["ladder"]), meta["hidden"],
+                    meta.get("policy", POLICIES[0]))  # routers before --policy: sufficiency
     router.load_state_dict(load_file(str(folder / "router.safetensors")))
     return router.eval(), meta
 
 
 def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
                         hidden: int = 32, seed: int = 0, labels: str = LABELS[0],
-                        calibrate: str = CALIBRATE[0],
-                        confidence: float = 0.5) -> tuple[SufficiencyRouter, dict]:
+                        calibrate: str = CALIBRATE[0], confidence: float = 0.5, *,
+                        policy: str = POLICIES[0],
+                        budget: float | None = None) -> tuple[Router, dict]:
     check_calibrate(calibrate)
     check_confidence(confidence)
+    check_policy(policy)
+    check_budget(budget)
     if calibrate == "split":
-        router = fit_router(train, hidden=hidden, seed=seed, labels=labels)
+        router = fit_router(train, hidden=hidden, seed=seed, labels=labels, policy=policy)
         scored, fitted_on = calib, train
         with torch.no_grad():
             q_SK = router(calib.feats_SF)
@@ -185,14 +230,19 @@ def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
             log.warning(f"{shared} samples are in both the router and the calib data: their "
                         "crossfit scores are not held out; give disjoint splits")
         scored = fitted_on = Outcomes.concat(train, calib)
-        q_SK = out_of_fold(scored, FOLDS, hidden, seed, labels)
-        router = fit_router(scored, hidden=hidden, seed=seed, labels=labels)
-    curve = calibration_curve(q_SK, scored, keep, confidence)
+        q_SK = out_of_fold(scored, FOLDS, hidden, seed, labels, policy)
+        router = fit_router(scored, hidden=hidden, seed=seed, labels=labels, policy=policy)
+    curve = calibration_curve(q_SK, scored, keep, confidence, policy)
     top = scored.hits_SK[:, -1].float().mean().item()
-    point = pick_threshold(curve)
-    if point is None:  # no threshold keeps enough: always the top rung
+    budget_tokens = None if budget is None else budget * scored.ladder[-1]
+    point = operating_point(curve, policy, budget_tokens)
+    if point is None:  # sufficiency: no threshold keeps enough, so always the top rung
         point = {"tau": 1.0, "accuracy": top, "tokens": float(scored.ladder[-1])}
-    meta = {"ladder": train.ladder, "tau": point["tau"], "keep": keep, "hidden": hidden,
+    if budget_tokens is not None and point["tokens"] > budget_tokens + 1e-9:
+        log.warning(f"no {knob_name(policy)} spends within --budget {budget}; the cheapest "
+                    f"point spends {point['tokens']:.2f} of {scored.ladder[-1]} tokens")
+    meta = {"ladder": train.ladder, "policy": policy, "tau": point["tau"], "keep": keep,
+            "budget": budget, "hidden": hidden,
             "in_dim": train.feats_SF.shape[1], "seed": seed, "labels": labels,
             "calibrate": calibrate, "folds": FOLDS if calibrate == "crossfit" else None,
             "confidence": confidence,
@@ -225,13 +275,16 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
                      ladder: str | None = None, keep: float = 0.99, batch_size: int = 64,
                      hidden: int = 32, seed: int = 0, device: str | None = None,
                      dtype: str | None = None, labels: str = LABELS[0],
-                     calibrate: str = CALIBRATE[0], confidence: float = 0.5) -> dict:
+                     calibrate: str = CALIBRATE[0], confidence: float = 0.5, *,
+                     policy: str = POLICIES[0], budget: float | None = None) -> dict:
     from tfx.eval.runner import default_device, default_dtype, eval_samples
     from tfx.train.load import load_model
 
     check_labels(labels)  # before the model loads and the tables are built
     check_calibrate(calibrate)
     check_confidence(confidence)
+    check_policy(policy)
+    check_budget(budget)
     if not 0 < keep <= 1:
         raise ConfigError(f"--keep {keep}: a share of the top rung's accuracy in (0, 1]")
     device = default_device(device)
@@ -249,7 +302,8 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
             lambda: build_outcomes(loaded.model, samples, loaded.tok, rungs, batch_size,
                                    what=f"({split})"))
     router, meta = train_and_calibrate(tables["router"], tables["calib"], keep, hidden, seed,
-                                       labels, calibrate, confidence)
+                                       labels, calibrate, confidence, policy=policy,
+                                       budget=budget)
     meta |= {"checkpoint": str(path), "tag": loaded.tag,
              "grid_side": side, "oracle_calib_tokens": policy_point(
                  tables["calib"], [rungs[k] for k in tables["calib"].oracle_rung().tolist()])}
@@ -257,7 +311,8 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
     save_router(router, folder, meta)
     point = meta["calib"]["point"]
     return {"folder": str(folder), "meta": meta,
-            "line": f"router for N in {rungs}: tau {point['tau']} keeps "
+            "line": f"{policy} router for N in {rungs}: {knob_name(policy)} {point['tau']} "
+                    f"{'gives' if budget else 'keeps'} "
                     f"{point['accuracy']:.3f} (top rung {meta['calib']['top_accuracy']:.3f}) "
                     f"at {point['tokens']:.1f} mean visual tokens on "
                     f"{meta['calib_samples']} calibration questions ({calibrate}); wrote "

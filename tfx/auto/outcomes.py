@@ -50,7 +50,7 @@ class Outcomes:
     def stable_SK(self) -> torch.Tensor:
         """True where the answer at rung k, and at every larger rung, is the top rung's answer:
         the consistency label ("N_k suffices")."""
-        return from_here_up(torch.tensor([[a == row[-1] for a in row] for row in self.answers]))
+        return from_here_up(self.agrees_SK())
 
     def correct_SK(self) -> torch.Tensor:
         """True where neither rung k nor any larger rung is wrong on a sample the top rung gets
@@ -62,6 +62,19 @@ class Outcomes:
     def labels_SK(self, kind: str) -> torch.Tensor:
         check_labels(kind)
         return self.correct_SK() if kind == "correct" else self.stable_SK()
+
+    def agrees_SK(self) -> torch.Tensor:
+        """True where the answer at rung k is the top rung's (no answer key needed)."""
+        return torch.tensor([[a == row[-1] for a in row] for row in self.answers])
+
+    def targets_SK(self, policy: str, kind: str) -> torch.Tensor:
+        """What a router of `policy` learns to predict at each rung: "N_k suffices" by `kind`
+        below the top rung (sufficiency), or the answer at N_k being right (accuracy,
+        `kind` correct) or being the top rung's (accuracy, consistency)."""
+        if policy == "sufficiency":
+            return self.labels_SK(kind)[:, :-1]
+        check_labels(kind)
+        return self.hits_SK if kind == "correct" else self.agrees_SK()
 
     def oracle_rung(self) -> torch.Tensor:
         """(S,) index of the smallest sufficient rung."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tfx.auto.fit import load_router, policy_point, threshold_curve
+from tfx.auto.fit import PRICES, knob_name, load_router, policy_point, threshold_curve
 from tfx.auto.outcomes import (
     Outcomes,
     build_outcomes,
@@ -63,7 +63,7 @@ def live_auto(model, samples, tok, router, meta, batch_size: int) -> dict:
         batch = samples[i:i + batch_size]
         feats_BTC, f_BF = image_features(model, batch, tok, meta["ladder"])
         t1 = time.perf_counter()
-        chosen = choose(router(f_BF.cpu()), meta["ladder"], meta["tau"])
+        chosen = choose(router(f_BF.cpu()), meta["ladder"], meta["tau"], router.policy)
         t_router += time.perf_counter() - t1
         for n in sorted(set(chosen)):
             group = [b for b, c in enumerate(chosen) if c == n]
@@ -188,7 +188,7 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
     table = cached_outcomes(folder, "eval", key, lambda: build_outcomes(
         loaded.model, samples, loaded.tok, meta["ladder"], batch_size, what="(eval)"))
     with torch.no_grad():
-        choices = choose(router(table.feats_SF), table.ladder, meta["tau"])
+        choices = choose(router(table.feats_SF), table.ladder, meta["tau"], router.policy)
     result = curve(table, router, meta, choices)
     live = live_auto(loaded.model, samples, loaded.tok, router, meta, batch_size)
     cost = router_cost(loaded.model, samples, loaded.tok, router, meta)
@@ -197,6 +197,7 @@ def run_auto(path: str, data: str | None = None, batch_size: int = 64, out: str 
     keep = keep if keep is not None else meta["keep"]
     report = {"checkpoint": str(path), "tag": loaded.tag, "samples": len(samples),
               "skipped": skipped, "ladder": meta["ladder"], "tau": meta["tau"],
+              "policy": router.policy, "knob": knob_name(router.policy),
               "calib": meta["calib"]["point"], "chosen_on": chosen_on(meta), **result,
               "live": {k: v for k, v in live.items() if k != "per_sample"},
               "per_sample": live["per_sample"], "cost": cost,
@@ -227,6 +228,8 @@ def chosen_on(meta: dict) -> str:
     how = meta.get("calibrate", "split")
     where = (f"{meta['calib_samples']} router + calib questions, out of fold"
              if how == "crossfit" else "calib")
+    if meta.get("budget"):
+        return f"{where}, the most accurate within {100 * meta['budget']:g} % of the tokens"
     conf = meta.get("confidence", 0.5)
     return where if conf == 0.5 else f"{where}, confidence {conf}"
 
@@ -245,10 +248,12 @@ def markdown(r: dict) -> str:
     for p in r["fixed"]:
         row(f"fixed N = {p['n']}", p)
     row("consistency oracle", r["oracle"])
+    knob = r.get("knob", "tau")
+    shown = (0.1, 0.3, 0.5, 0.7, 0.9) if knob == "tau" else PRICES[::8]
     for p in r["router"]:
-        if p["tau"] in (0.1, 0.3, 0.5, 0.7, 0.9):
-            row(f"router, tau = {p['tau']}", p)
-    row(f"**router, tau = {r['tau']} (chosen on {r['chosen_on']})**",
+        if p["tau"] in shown:
+            row(f"router, {knob} = {p['tau']:g}", p)
+    row(f"**router, {knob} = {r['tau']:g} (chosen on {r['chosen_on']})**",
         r["operating_point"])
     row("router, live run of that point", r["live"])
     g, c = r["goal"], r["cost"]
@@ -288,10 +293,10 @@ def plot(r: dict, path: Path, title: str) -> None:
                     textcoords="offset points", xytext=(3, -10))
     pts = sorted(r["router"], key=lambda p: p["tokens"])
     ax.plot([p["tokens"] for p in pts], [p["accuracy"] for p in pts], marker=".", lw=1.8,
-            label="router, threshold sweep")
+            label=f"router ({r.get('policy', 'sufficiency')}), {r.get('knob', 'tau')} sweep")
     op = r["operating_point"]
     ax.scatter([op["tokens"]], [op["accuracy"]], marker="*", s=160, color="C3", zorder=4,
-               label=f"operating point (tau {r['tau']}, from {r['chosen_on']})")
+               label=f"operating point ({r.get('knob', 'tau')} {r['tau']:g})")
     ax.scatter([r["oracle"]["tokens"]], [r["oracle"]["accuracy"]], marker="D", color="C2",
                zorder=4, label="consistency oracle")
     ax.set_xlabel("mean visual tokens per sample (all passes)")

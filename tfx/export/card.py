@@ -78,6 +78,22 @@ def accuracy_table(run_dir: Path) -> tuple[str, Path | None]:
     return "\n".join(lines), png if png.is_file() else None
 
 
+def rule(router: dict) -> str:
+    """How the exported router picks N and how its knob was chosen, in words."""
+    ladder = router["ladder"]
+    if router.get("budget"):
+        chosen = (f"the most accurate on held-out questions within "
+                  f"{100 * router['budget']:.3g} % of N = {ladder[-1]}'s tokens")
+    else:
+        chosen = (f"the cheapest keeping {100 * router.get('keep', 0.99):.3g} % of "
+                  f"N = {ladder[-1]}'s accuracy on held-out questions")
+    if router.get("policy", "sufficiency") == "accuracy":
+        return (f"the N with the largest predicted probability of a right answer less price x "
+                f"N / {ladder[-1]}, price = {router['tau']:.3g} ({chosen})")
+    return (f"the smallest N whose predicted probability of losing nothing against "
+            f"N = {ladder[-1]} is at least tau = {router['tau']:.3g} ({chosen})")
+
+
 def router_section(router: dict | None) -> str:
     """What `num_visual_tokens="auto"` does in this export (empty without a router)."""
     if router is None:
@@ -87,12 +103,9 @@ def router_section(router: dict | None) -> str:
 ## Automatic N (router)
 
 This export carries a router (`tfx router train`, `tfx/model/router.py`):
-`model.generate(**inputs, num_visual_tokens="auto")` picks N per image from {ladder}: the
-smallest N whose predicted probability of losing nothing against N = {ladder[-1]} is at least
-tau = {router["tau"]:.3g} (chosen on held-out questions, the cheapest keeping
-{100 * router.get("keep", 0.99):.3g} % of N = {ladder[-1]}'s accuracy there). Its inputs are the
-share of the tower grid's variance each pooling throws away and the prompt's mean input
-embedding (a small MLP).
+`model.generate(**inputs, num_visual_tokens="auto")` picks N per image from {ladder}:
+{rule(router)}. Its inputs are the share of the tower grid's variance each pooling throws away
+and the prompt's mean input embedding (a small MLP).
 `model.last_num_visual_tokens` says what it chose. One image per
 row; the tower runs once for the choice and again in the pass at the chosen N. The processor's
 N for an `auto` call does not matter: the model rebuilds the image block at its choice.

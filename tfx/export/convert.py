@@ -89,7 +89,9 @@ def run_router(loaded) -> tuple[dict | None, dict]:
             f"(run `tfx router train` on this checkpoint for num_visual_tokens='auto')")
         return None, {}
     keep = ("ladder", "tau", "keep", "in_dim", "hidden")
-    return {k: meta[k] for k in keep}, {f"router.{k}": v for k, v in router.state_dict().items()}
+    config = {k: meta[k] for k in keep} | {"policy": meta.get("policy", "sufficiency"),
+                                           "budget": meta.get("budget")}
+    return config, {f"router.{k}": v for k, v in router.state_dict().items()}
 
 
 def rename_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -46,8 +46,9 @@ class TokenFlexConfig(PreTrainedConfig):
     image_end_id: int = 0
     tie_word_embeddings: bool = False
     # the auto-budget router (`tfx router train`), when exported with one: {"ladder": [N...],
-    # "tau": threshold, "keep": the share of N_max's accuracy tau was chosen to keep, "in_dim":
-    # features, "hidden": MLP width}; None: no "auto" N
+    # "policy": sufficiency | accuracy, "tau": its knob (threshold | price), "keep": the share
+    # of N_max's accuracy it was chosen to keep, "budget": or the token share it was chosen
+    # within (None: keep), "in_dim": features, "hidden": MLP width}; None: no "auto" N
     router: dict | None = None
 
     def __post_init__(self, **kwargs):

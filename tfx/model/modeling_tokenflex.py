@@ -26,7 +26,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from .configuration_tokenflex import TokenFlexConfig
 from .image_block import splice_visual
 from .projector import TokenAdaptiveProjector
-from .router import SufficiencyRouter, choose, prompt_embedding, router_features
+from .router import Router, choose, prompt_embedding, router_features
 
 
 class EfficientNetTower(nn.Module):
@@ -79,8 +79,8 @@ class TokenFlexForConditionalGeneration(TokenFlexPreTrainedModel, GenerationMixi
             position=config.projector_position)
         self.drop_cls = config.vision_config.model_type == "clip_vision_model"
         r = config.router
-        self.router = (SufficiencyRouter(r["in_dim"], len(r["ladder"]), r["hidden"])
-                       if r else None)
+        self.router = (Router(r["in_dim"], len(r["ladder"]), r["hidden"],
+                              r.get("policy", "sufficiency")) if r else None)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -153,7 +153,7 @@ class TokenFlexForConditionalGeneration(TokenFlexPreTrainedModel, GenerationMixi
         ladder = c.router["ladder"]
         feats = router_features(self.vision_grid(pixel_values), c.grid_side,
                                 [int(round(n ** 0.5)) for n in ladder], question)
-        return choose(self.router(feats), ladder, c.router["tau"])
+        return choose(self.router(feats), ladder, c.router["tau"], self.router.policy)
 
     def at_visual_tokens(self, ids: list[int], n_visual: int) -> list[int]:
         """A one-image prompt's ids with its image block rebuilt at N."""

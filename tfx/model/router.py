@@ -13,10 +13,15 @@ The grid's own mean and standard deviation (2 x the tower width) were inputs too
 were found to let the router memorise its few thousand labels: with them it found no threshold
 keeping 99 % of the top rung's calibration accuracy below N_max; without them it does, far
 below (docs/results/auto-budget.md).
-An MLP maps them to one logit per rung below the top, q_n = P(N_n suffices); q is made
-monotone in N (a cummax: if a smaller N suffices, a larger one does), and the choice is the
-smallest rung with q_n >= tau, else the top rung. Shape legend: B images, T patches, C tower
-width, D LLM width, K rungs.
+Two policies (`POLICIES`), the same MLP on the same features:
+- `sufficiency`: one logit per rung below the top, q_n = P(N_n suffices); q is made monotone in
+  N (a cummax: if a smaller N suffices, a larger one does), and the choice is the smallest rung
+  with q_n >= tau, else the top rung. The knob tau is a threshold in (0, 1].
+- `accuracy`: one logit per rung, p_n = P(the answer at N_n is right), and the choice is the
+  rung with the largest p_n - price * N_n / N_max: the knob is the price, in accuracy, of the
+  whole grid. It needs no "suffices" rule; where no rung is likelier right than another
+  (a question no N answers), it goes to the cheapest.
+Shape legend: B images, T patches, C tower width, D LLM width, K rungs.
 """
 
 from __future__ import annotations
@@ -69,30 +74,49 @@ def router_features(feats_BTC: torch.Tensor, side: int, sides: list[int],
                      dim=1)
 
 
-class SufficiencyRouter(nn.Module):
-    """Features -> (B, K) P(N_k suffices), monotone in k, 1 at the top rung."""
+POLICIES = ("sufficiency", "accuracy")  # the first is the default
 
-    def __init__(self, in_dim: int, rungs: int, hidden: int = 32):
+
+class Router(nn.Module):
+    """Features -> (B, K) scores: P(N_k suffices), monotone in k and 1 at the top rung
+    (`sufficiency`), or P(right at N_k) (`accuracy`)."""
+
+    def __init__(self, in_dim: int, rungs: int, hidden: int = 32,
+                 policy: str = POLICIES[0]):
         super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"router policy {policy!r}: one of {', '.join(POLICIES)}")
+        self.policy = policy
         self.register_buffer("shift", torch.zeros(in_dim))
         self.register_buffer("scale", torch.ones(in_dim))
+        outputs = rungs - 1 if policy == "sufficiency" else rungs
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.1),
-                                 nn.Linear(hidden, rungs - 1))
+                                 nn.Linear(hidden, outputs))
 
     def logits(self, feats_BF: torch.Tensor) -> torch.Tensor:
         return self.net((feats_BF.float() - self.shift) / self.scale)
 
     def forward(self, feats_BF: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(self.logits(feats_BF))
+        if self.policy == "accuracy":
+            return p
         # below 1 at every lower rung, so tau = 1 always means the top rung
-        q = torch.sigmoid(self.logits(feats_BF)).clamp_max(1 - 1e-6).cummax(dim=1).values
+        q = p.clamp_max(1 - 1e-6).cummax(dim=1).values
         return torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
 
 
-def choose_index(q_BK: torch.Tensor, tau: float) -> torch.Tensor:
-    """(B,) the index of the smallest rung whose q reaches tau (the top rung's q is 1)."""
-    return (q_BK >= tau).int().argmax(dim=1)
+def choose_index(s_BK: torch.Tensor, knob: float, ladder: list[int],
+                 policy: str = POLICIES[0]) -> torch.Tensor:
+    """(B,) the chosen rung's index: the smallest whose q reaches tau = `knob` (sufficiency;
+    the top rung's q is 1), or the largest p - price * N / N_max, price = `knob` (accuracy;
+    ties go to the smaller N)."""
+    if policy == "sufficiency":
+        return (s_BK >= knob).int().argmax(dim=1)
+    cost_K = torch.tensor(ladder, dtype=s_BK.dtype, device=s_BK.device) / ladder[-1]
+    return (s_BK - knob * cost_K).argmax(dim=1)  # argmax takes the first of equal values
 
 
-def choose(q_BK: torch.Tensor, ladder: list[int], tau: float) -> list[int]:
-    """The smallest N of `ladder` whose q reaches tau."""
-    return [ladder[i] for i in choose_index(q_BK, tau).tolist()]
+def choose(s_BK: torch.Tensor, ladder: list[int], knob: float,
+           policy: str = POLICIES[0]) -> list[int]:
+    """The N of `ladder` the policy picks at `knob` for each row."""
+    return [ladder[i] for i in choose_index(s_BK, knob, ladder, policy).tolist()]
