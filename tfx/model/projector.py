@@ -9,9 +9,8 @@ pooling; `auto` takes it on CUDA when installed. `position="fourier"` adds a lea
 map of each token's centre (row, column) on [0, 1] (sin/cos at `FREQUENCIES` frequencies) to
 its output: the same weights at every n, so a token at the same place in the image gets the
 same offset whatever N is; the map starts at zero (the projector starts as without it). Only
-torch is needed otherwise: `tfx convert`
-copies this file into exported models. Shape legend: B batch, T=H*W patches, C vision width,
-N tokens, D LLM width.
+torch is needed otherwise: `tfx convert` copies this file into exported models. Shape legend:
+B batch, T=H*W patches, C vision width, N tokens, D LLM width.
 """
 
 from __future__ import annotations
