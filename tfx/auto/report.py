@@ -248,7 +248,7 @@ def markdown(r: dict) -> str:
     for p in r["fixed"]:
         row(f"fixed N = {p['n']}", p)
     row("consistency oracle", r["oracle"])
-    knob = r.get("knob", "tau")
+    knob = r["knob"]
     shown = (0.1, 0.3, 0.5, 0.7, 0.9) if knob == "tau" else PRICES[::8]
     for p in r["router"]:
         if p["tau"] in shown:
@@ -293,10 +293,10 @@ def plot(r: dict, path: Path, title: str) -> None:
                     textcoords="offset points", xytext=(3, -10))
     pts = sorted(r["router"], key=lambda p: p["tokens"])
     ax.plot([p["tokens"] for p in pts], [p["accuracy"] for p in pts], marker=".", lw=1.8,
-            label=f"router ({r.get('policy', 'sufficiency')}), {r.get('knob', 'tau')} sweep")
+            label=f"router ({r['policy']}), {r['knob']} sweep")
     op = r["operating_point"]
     ax.scatter([op["tokens"]], [op["accuracy"]], marker="*", s=160, color="C3", zorder=4,
-               label=f"operating point ({r.get('knob', 'tau')} {r['tau']:g})")
+               label=f"operating point ({r['knob']} {r['tau']:g})")
     ax.scatter([r["oracle"]["tokens"]], [r["oracle"]["accuracy"]], marker="D", color="C2",
                zorder=4, label="consistency oracle")
     ax.set_xlabel("mean visual tokens per sample (all passes)")
