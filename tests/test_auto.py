@@ -22,7 +22,7 @@ from tfx.auto.outcomes import Outcomes
 from tfx.data.decode import SkipCounter
 from tfx.data.pipeline import read_eval_samples
 from tfx.errors import ConfigError
-from tfx.model.router import Router, choose, pooling_residuals
+from tfx.model.router import Router, choose, pooling_residuals, upgrade_state
 from tfx.train.load import load_model
 
 from conftest import last_line, run_tfx, set_train, tiny_config_yaml
@@ -71,7 +71,7 @@ def test_consistency_labels_and_the_choice():
     out = router(torch.randn(50, 2))
     assert (out.diff(dim=1) >= 0).all() and (out[:, -1] == 1).all()  # monotone in N
     with torch.no_grad():  # saturated: still below the top rung, so tau = 1 is "always N_max"
-        router.net[-1].bias.fill_(50.0)
+        router.b2.fill_(50.0)
         sure = router.eval()(torch.randn(5, 2))
     assert choose(sure, [1, 4, 9, 16], 1.0) == [16] * 5
     assert choose(sure, [1, 4, 9, 16], 0.99) == [1] * 5
@@ -178,6 +178,70 @@ def test_the_accuracy_policy_buys_the_likeliest_right_rung_at_a_price():
     assert t.targets_SK("accuracy", "consistency").tolist() == [[False, True, True],
                                                                 [False, False, True]]
     assert t.targets_SK("sufficiency", "correct").tolist() == [[False, True], [False, False]]
+
+
+def test_an_ensemble_router_averages_its_members_and_reads_a_single_mlp_file():
+    torch.manual_seed(0)
+    router = Router(3, 4, policy="accuracy", members=3).eval()
+    x = torch.randn(7, 3)
+    alone = []
+    for m in range(3):  # each member on its own: one MLP in nn.Linear's layout
+        h = torch.nn.functional.gelu(x @ router.w1[m].T + router.b1[m])
+        alone.append(torch.sigmoid(h @ router.w2[m].T + router.b2[m]))
+    assert torch.allclose(router(x), torch.stack(alone).mean(0), atol=1e-6)
+    assert not torch.allclose(alone[0], alone[1])  # members start apart
+    assert router.macs() == 3 * (3 * 32 + 32 * 4)
+    with pytest.raises(ValueError, match="router members 0"):
+        Router(3, 4, members=0)
+    # a router.safetensors written before --members: one nn.Sequential under net.*
+    old = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(32, 3)).eval()
+    state = {"shift": torch.zeros(3), "scale": torch.ones(3)} | {
+        f"net.{k}": v for k, v in old.state_dict().items()}
+    single = Router(3, 4)
+    single.load_state_dict(upgrade_state(state))
+    q = torch.sigmoid(old(x)).clamp_max(1 - 1e-6).cummax(dim=1).values
+    assert torch.allclose(single.eval()(x)[:, :-1], q, atol=1e-6)
+
+
+def test_ensemble_members_start_apart_and_refit_identically():
+    """Members from their own initialisations end apart on noise; the same seed gives the same
+    router (the export and `tfx eval --auto` must route alike)."""
+    g = torch.Generator().manual_seed(3)
+    hits = torch.rand(300, 3, generator=g) < torch.tensor([0.2, 0.5, 0.5])
+    t = Outcomes([1, 4, 9], [f"n{i}" for i in range(300)], ["cell"] * 300, [2] * 300,
+                 [["a"] * 3] * 300, hits, torch.randn(300, 8, generator=g))
+    a, b = (fit_router(t, steps=30, seed=4, policy="accuracy", members=3) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values()))
+    with torch.no_grad():
+        p_MSK = torch.sigmoid(a.logits(t.feats_SF))
+    assert (p_MSK[0] - p_MSK[1]).abs().mean() > 0.01
+    assert torch.allclose(a(t.feats_SF), p_MSK.mean(0))
+
+
+def test_shrink_keeps_the_choice_off_a_rung_that_is_worse_for_everyone():
+    """N = 9 is right less often than N = 4 or 16 on every question and the features are noise:
+    out of fold, an unshrunk router still buys it for some questions at price 0 (its noise);
+    pulled 0.3 toward each rung's mean accuracy, it buys it for fewer."""
+    g = torch.Generator().manual_seed(5)
+    hits = torch.rand(800, 4, generator=g) < torch.tensor([0.2, 0.5, 0.3, 0.5])
+    t = Outcomes([1, 4, 9, 16], [f"w{i}" for i in range(800)], ["cell"] * 800, [2] * 800,
+                 [["a"] * 4] * 800, hits, torch.randn(800, 8, generator=g))
+    bought = {}
+    for shrink in (0.0, 0.3):
+        q = out_of_fold(t, policy="accuracy", members=1, shrink=shrink)
+        bought[shrink] = (torch.tensor(choose(q, t.ladder, 0.0, "accuracy")) == 9).float().mean()
+    assert bought[0.3] < 0.5 * bought[0.0], bought
+    router = fit_router(t, steps=20, policy="accuracy", members=2, shrink=0.3)
+    assert torch.allclose(router.prior, hits.float().mean(0))
+    with torch.no_grad():
+        p = torch.sigmoid(router.logits(t.feats_SF)).mean(0)
+    assert torch.allclose(router(t.feats_SF), 0.7 * p + 0.3 * router.prior)
+    with pytest.raises(ValueError, match="router shrink 0.3"):
+        Router(3, 4, policy="sufficiency", shrink=0.3)
+    with pytest.raises(ConfigError, match="--shrink 0.3: the accuracy policy's"):
+        train_and_calibrate(t, t, policy="sufficiency", shrink=0.3)
 
 
 def two_kinds_table(samples: int, seed: int) -> Outcomes:

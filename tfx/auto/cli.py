@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from tfx.auto.fit import CALIBRATE
+from tfx.auto.fit import CALIBRATE, MEMBERS, SHRINK
 from tfx.auto.outcomes import LABELS
 from tfx.errors import ConfigError
 from tfx.model.router import POLICIES
@@ -48,6 +48,12 @@ def router_parser() -> argparse.ArgumentParser:
                    help="instead of --keep: the knob giving the best calibration accuracy "
                         "within this share of the top N's tokens (e.g. 0.45)")
     t.add_argument("--hidden", type=int, default=32, help="router MLP width")
+    t.add_argument("--members", type=int, default=MEMBERS,
+                   help=f"MLPs averaged in the router, each from its own initialisation "
+                        f"(default {MEMBERS}; 1: a single MLP)")
+    t.add_argument("--shrink", type=float, default=None,
+                   help="accuracy policy: how far each P(right at N) is pulled toward N's mean "
+                        f"accuracy over the training questions (default {SHRINK}; 0: none)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--device", default=None)
@@ -65,6 +71,8 @@ def router_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", choices=POLICIES, default=POLICIES[0])
     r.add_argument("--budget", type=float, default=None,
                    help="also measure the --budget rule at this token share")
+    r.add_argument("--members", type=int, default=MEMBERS)
+    r.add_argument("--shrink", type=float, default=None)
     c = sub.add_parser("check", help="an export's num_visual_tokens='auto', in a fresh "
                        "process without tfx, against tfx eval RUN --auto")
     c.add_argument("export", help="the folder `tfx convert RUN` wrote")
@@ -94,12 +102,14 @@ def main(argv: list[str]) -> None:
             raise ConfigError(f"--confidence {args.confidence!r}: a comma list such as "
                               "0.5,0.9") from None
         print(run_reliability(args.run, args.keep, confidences, args.halves, args.goal_share,
-                              args.labels, policy=args.policy, budget=args.budget)["table"])
+                              args.labels, policy=args.policy, budget=args.budget,
+                              members=args.members, shrink=args.shrink)["table"])
         return
     from tfx.auto.fit import run_router_train
 
     result = run_router_train(args.run, args.router_data, args.calib_data, args.ladder,
                               args.keep, args.batch_size, args.hidden, args.seed, args.device,
                               args.dtype, args.labels, args.calibrate, args.confidence,
-                              policy=args.policy, budget=args.budget)
+                              policy=args.policy, budget=args.budget, members=args.members,
+                              shrink=args.shrink)
     print(result["line"])

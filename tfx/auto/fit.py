@@ -16,7 +16,9 @@ one-sided c lower bound of the kept share clear `keep`, not just its estimate (0
 `--budget s` is the other rule: the most accurate calibration point spending at most s of the
 top rung's tokens. `--policy accuracy` (`tfx.model.router`) learns P(right at N_k) at every
 rung instead of "N_k suffices", and its knob is a price per token, not a threshold: the same
-calibration rules pick it (points and router.json call either knob "tau").
+calibration rules pick it (points and router.json call either knob "tau"). The router is
+`--members` MLPs from different initialisations, averaged; the accuracy policy's
+probabilities are pulled `--shrink` of the way toward each rung's mean (`Router`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from tfx.auto.outcomes import (
 )
 from tfx.errors import ConfigError
 from tfx.log import get_logger
-from tfx.model.router import POLICIES, Router, choose_index
+from tfx.model.router import POLICIES, Router, choose_index, upgrade_state
 
 log = get_logger(__name__)
 TAUS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.99, 0.995, 0.999, 0.9995, 0.9999]
@@ -51,6 +53,8 @@ PRICES = [0.0] + [round(1e-3 * 1.2 ** i, 6) for i in range(39)] + [2.0]
 KNOBS = {"sufficiency": TAUS, "accuracy": PRICES}
 CALIBRATE = ("crossfit", "split")  # how the threshold is measured; the first is the default
 FOLDS = 5
+MEMBERS = 5  # MLPs averaged in one router (`Router`)
+SHRINK = 0.3  # the accuracy policy's pull toward each rung's mean accuracy (`Router`)
 
 
 def check_calibrate(kind: str) -> None:
@@ -77,26 +81,49 @@ def check_confidence(confidence: float) -> None:
         raise ConfigError(f"--confidence {confidence}: in [0.5, 1) (0.5: the point estimate)")
 
 
+def check_members(members: int) -> None:
+    if members < 1:
+        raise ConfigError(f"--members {members}: at least 1")
+
+
+def check_shrink(shrink: float, policy: str) -> None:
+    if not 0 <= shrink < 1:
+        raise ConfigError(f"--shrink {shrink}: in [0, 1)")
+    if shrink and policy != "accuracy":
+        raise ConfigError(f"--shrink {shrink}: the accuracy policy's (give --shrink 0 with "
+                          f"--policy {policy})")
+
+
+def default_shrink(shrink: float | None, policy: str) -> float:
+    """`shrink` as given, else SHRINK for the accuracy policy and 0 for sufficiency."""
+    return (SHRINK if policy == "accuracy" else 0.0) if shrink is None else shrink
+
+
 def fit_router(table: Outcomes, hidden: int = 32, steps: int = 300, lr: float = 3e-3,
                weight_decay: float = 1e-2, seed: int = 0,
-               labels: str = LABELS[0], policy: str = POLICIES[0]) -> Router:
-    """BCE per rung on the table's targets for `policy` and `labels` (`Outcomes.targets_SK`);
-    features standardised on the training set."""
+               labels: str = LABELS[0], policy: str = POLICIES[0],
+               members: int = MEMBERS, shrink: float = 0.0) -> Router:
+    """BCE per rung on the table's targets for `policy` and `labels` (`Outcomes.targets_SK`),
+    every member on all of them from its own initialisation and dropout (bootstraps were
+    tried: members on fewer samples each vary more, and their mean did worse out of fold);
+    features standardised on the training set; the prior `shrink` pulls toward is the
+    training set's mean target per rung."""
     torch.manual_seed(seed)
     x = table.feats_SF.float()
     y = table.targets_SK(policy, labels).float()
-    router = Router(x.shape[1], len(table.ladder), hidden, policy)
+    router = Router(x.shape[1], len(table.ladder), hidden, policy, members, shrink)
+    router.prior.copy_(y.mean(0))
     router.shift.copy_(x.mean(0))
     router.scale.copy_(x.std(0).clamp_min(1e-3))  # a near-constant feature stays near 0
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     router.train()
     for step in range(steps):
-        loss = F.binary_cross_entropy_with_logits(router.logits(x), y)
+        loss = F.binary_cross_entropy_with_logits(router.logits(x), y.expand(members, -1, -1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    log.info(f"router fit: {steps} full-batch steps, final BCE {loss.item():.4f} on "
-             f"{len(x)} samples")
+    log.info(f"router fit: {members} x {steps} full-batch steps, final BCE {loss.item():.4f} "
+             f"on {len(x)} samples")
     return router.eval()
 
 
@@ -139,7 +166,8 @@ def threshold_curve(router: Router, table: Outcomes) -> list[dict]:
 
 
 def out_of_fold(table: Outcomes, folds: int = FOLDS, hidden: int = 32, seed: int = 0,
-                labels: str = LABELS[0], policy: str = POLICIES[0]) -> torch.Tensor:
+                labels: str = LABELS[0], policy: str = POLICIES[0],
+                members: int = MEMBERS, shrink: float = 0.0) -> torch.Tensor:
     """(S, K) every sample's q from a router fitted on the other folds (a random split into
     `folds` parts): scores as unseen as a held-out split's, for all S samples."""
     order = torch.randperm(len(table.keys), generator=torch.Generator().manual_seed(seed))
@@ -148,7 +176,7 @@ def out_of_fold(table: Outcomes, folds: int = FOLDS, hidden: int = 32, seed: int
     for f, held in enumerate(parts):
         rest = torch.cat([p for g, p in enumerate(parts) if g != f])
         router = fit_router(table.rows(rest), hidden=hidden, seed=seed + 1 + f, labels=labels,
-                            policy=policy)
+                            policy=policy, members=members, shrink=shrink)
         with torch.no_grad():
             q_SK[held] = router(table.feats_SF[held])
     return q_SK
@@ -205,22 +233,28 @@ def load_router(folder: Path) -> tuple[Router, dict]:
 
     meta = json.loads((folder / "router.json").read_text())
     router = Router(meta["in_dim"], len(meta["ladder"]), meta["hidden"],
-                    meta.get("policy", POLICIES[0]))  # routers before --policy: sufficiency
-    router.load_state_dict(load_file(str(folder / "router.safetensors")))
+                    meta.get("policy", POLICIES[0]),  # routers before --policy: sufficiency
+                    meta.get("members", 1), meta.get("shrink", 0.0))  # before: 1 MLP, 0
+    router.load_state_dict(upgrade_state(load_file(str(folder / "router.safetensors"))))
     return router.eval(), meta
 
 
 def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
                         hidden: int = 32, seed: int = 0, labels: str = LABELS[0],
                         calibrate: str = CALIBRATE[0], confidence: float = 0.5, *,
-                        policy: str = POLICIES[0],
-                        budget: float | None = None) -> tuple[Router, dict]:
+                        policy: str = POLICIES[0], budget: float | None = None,
+                        members: int = MEMBERS, shrink: float | None = None
+                        ) -> tuple[Router, dict]:
     check_calibrate(calibrate)
+    check_members(members)
+    shrink = default_shrink(shrink, policy)
+    check_shrink(shrink, policy)
     check_confidence(confidence)
     check_policy(policy)
     check_budget(budget)
     if calibrate == "split":
-        router = fit_router(train, hidden=hidden, seed=seed, labels=labels, policy=policy)
+        router = fit_router(train, hidden=hidden, seed=seed, labels=labels, policy=policy,
+                            members=members, shrink=shrink)
         scored, fitted_on = calib, train
         with torch.no_grad():
             q_SK = router(calib.feats_SF)
@@ -230,8 +264,9 @@ def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
             log.warning(f"{shared} samples are in both the router and the calib data: their "
                         "crossfit scores are not held out; give disjoint splits")
         scored = fitted_on = Outcomes.concat(train, calib)
-        q_SK = out_of_fold(scored, FOLDS, hidden, seed, labels, policy)
-        router = fit_router(scored, hidden=hidden, seed=seed, labels=labels, policy=policy)
+        q_SK = out_of_fold(scored, FOLDS, hidden, seed, labels, policy, members, shrink)
+        router = fit_router(scored, hidden=hidden, seed=seed, labels=labels, policy=policy,
+                            members=members, shrink=shrink)
     curve = calibration_curve(q_SK, scored, keep, confidence, policy)
     top = scored.hits_SK[:, -1].float().mean().item()
     budget_tokens = None if budget is None else budget * scored.ladder[-1]
@@ -242,7 +277,8 @@ def train_and_calibrate(train: Outcomes, calib: Outcomes, keep: float = 0.99,
         log.warning(f"no {knob_name(policy)} spends within --budget {budget}; the cheapest "
                     f"point spends {point['tokens']:.2f} of {scored.ladder[-1]} tokens")
     meta = {"ladder": train.ladder, "policy": policy, "tau": point["tau"], "keep": keep,
-            "budget": budget, "hidden": hidden,
+            "budget": budget, "hidden": hidden, "members": members,
+            "shrink": shrink,
             "in_dim": train.feats_SF.shape[1], "seed": seed, "labels": labels,
             "calibrate": calibrate, "folds": FOLDS if calibrate == "crossfit" else None,
             "confidence": confidence,
@@ -276,7 +312,8 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
                      hidden: int = 32, seed: int = 0, device: str | None = None,
                      dtype: str | None = None, labels: str = LABELS[0],
                      calibrate: str = CALIBRATE[0], confidence: float = 0.5, *,
-                     policy: str = POLICIES[0], budget: float | None = None) -> dict:
+                     policy: str = POLICIES[0], budget: float | None = None,
+                     members: int = MEMBERS, shrink: float | None = None) -> dict:
     from tfx.eval.runner import default_device, default_dtype, eval_samples
     from tfx.train.load import load_model
 
@@ -285,6 +322,8 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
     check_confidence(confidence)
     check_policy(policy)
     check_budget(budget)
+    check_members(members)
+    check_shrink(default_shrink(shrink, policy), policy)
     if not 0 < keep <= 1:
         raise ConfigError(f"--keep {keep}: a share of the top rung's accuracy in (0, 1]")
     device = default_device(device)
@@ -303,7 +342,7 @@ def run_router_train(path: str, router_data: str | None = None, calib_data: str 
                                    what=f"({split})"))
     router, meta = train_and_calibrate(tables["router"], tables["calib"], keep, hidden, seed,
                                        labels, calibrate, confidence, policy=policy,
-                                       budget=budget)
+                                       budget=budget, members=members, shrink=shrink)
     meta |= {"checkpoint": str(path), "tag": loaded.tag,
              "grid_side": side, "oracle_calib_tokens": policy_point(
                  tables["calib"], [rungs[k] for k in tables["calib"].oracle_rung().tolist()])}

@@ -18,10 +18,14 @@ import torch
 
 from tfx.auto.fit import (
     FOLDS,
+    MEMBERS,
     calibration_curve,
     check_budget,
     check_confidence,
+    check_members,
     check_policy,
+    check_shrink,
+    default_shrink,
     knob_name,
     operating_point,
     out_of_fold,
@@ -75,20 +79,25 @@ def half_splits(table: Outcomes, q_SK: torch.Tensor, keep: float, confidences: l
 def run_reliability(run: str, keep: float = 0.99, confidences: tuple[float, ...] = (0.5, 0.8,
                     0.9, 0.95), halves: int = 200, goal_share: float = 0.45,
                     labels: str = LABELS[0], hidden: int = 32, seed: int = 0,
-                    policy: str = POLICIES[0], budget: float | None = None) -> dict:
+                    policy: str = POLICIES[0], budget: float | None = None,
+                    members: int = MEMBERS, shrink: float | None = None) -> dict:
     check_labels(labels)
     check_policy(policy)
     check_budget(budget)
+    check_members(members)
+    shrink = default_shrink(shrink, policy)
+    check_shrink(shrink, policy)
     for c in confidences:
         check_confidence(c)
     if halves < 1:
         raise ConfigError(f"--halves {halves}: at least 1")
     table = load_tables(run)
-    q_SK = out_of_fold(table, FOLDS, hidden, seed, labels, policy)
+    q_SK = out_of_fold(table, FOLDS, hidden, seed, labels, policy, members, shrink)
     rows = half_splits(table, q_SK, keep, list(confidences), halves, goal_share, seed, policy,
                        budget)
     report = {"run": str(run), "questions": len(table.keys), "keep": keep, "halves": halves,
               "goal_share": goal_share, "labels": labels, "policy": policy, "budget": budget,
+              "members": members, "shrink": shrink,
               "rows": rows}
     path = Path(run) / "router" / "reliability.json"
     path.write_text(json.dumps(report, indent=2))

@@ -118,8 +118,7 @@ def router_cost(model, samples, tok, router, meta) -> dict:
         return min(times) / len(batch)
 
     fwd, rt = best(forward), best(route)
-    mlp = sum(m.in_features * m.out_features for m in router.net
-              if isinstance(m, torch.nn.Linear))
+    mlp = router.macs()
     return {"forward_s_per_image": fwd, "router_s_per_image": rt, "share": rt / fwd,
             "router_mlp_macs": mlp, "batch": len(batch)}
 

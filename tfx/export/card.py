@@ -94,6 +94,14 @@ def rule(router: dict) -> str:
             f"N = {ladder[-1]} is at least tau = {router['tau']:.3g} ({chosen})")
 
 
+def ensemble(router: dict) -> str:
+    members, shrink = router.get("members", 1), router.get("shrink", 0.0)
+    text = "a small MLP" if members == 1 else f"the mean of {members} small MLPs from " \
+        "different initialisations"
+    return text + (f"; each probability is pulled {shrink:g} of the way toward that N's mean "
+                   "accuracy" if shrink else "")
+
+
 def router_section(router: dict | None) -> str:
     """What `num_visual_tokens="auto"` does in this export (empty without a router)."""
     if router is None:
@@ -105,7 +113,7 @@ def router_section(router: dict | None) -> str:
 This export carries a router (`tfx router train`, `tfx/model/router.py`):
 `model.generate(**inputs, num_visual_tokens="auto")` picks N per image from {ladder}:
 {rule(router)}. Its inputs are the share of the tower grid's variance each pooling throws away
-and the prompt's mean input embedding (a small MLP).
+and the prompt's mean input embedding ({ensemble(router)}).
 `model.last_num_visual_tokens` says what it chose. One image per
 row; the tower runs once for the choice and again in the pass at the chosen N. The processor's
 N for an `auto` call does not matter: the model rebuilds the image block at its choice.

@@ -90,7 +90,9 @@ def run_router(loaded) -> tuple[dict | None, dict]:
         return None, {}
     keep = ("ladder", "tau", "keep", "in_dim", "hidden")
     config = {k: meta[k] for k in keep} | {"policy": meta.get("policy", "sufficiency"),
-                                           "budget": meta.get("budget")}
+                                           "budget": meta.get("budget"),
+                                           "members": meta.get("members", 1),
+                                           "shrink": meta.get("shrink", 0.0)}
     return config, {f"router.{k}": v for k, v in router.state_dict().items()}
 
 

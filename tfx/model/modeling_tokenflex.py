@@ -80,7 +80,9 @@ class TokenFlexForConditionalGeneration(TokenFlexPreTrainedModel, GenerationMixi
         self.drop_cls = config.vision_config.model_type == "clip_vision_model"
         r = config.router
         self.router = (Router(r["in_dim"], len(r["ladder"]), r["hidden"],
-                              r.get("policy", "sufficiency")) if r else None)
+                              r.get("policy", "sufficiency"), r.get("members", 1),
+                              r.get("shrink", 0.0))
+                       if r else None)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

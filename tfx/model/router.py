@@ -13,7 +13,7 @@ The grid's own mean and standard deviation (2 x the tower width) were inputs too
 were found to let the router memorise its few thousand labels: with them it found no threshold
 keeping 99 % of the top rung's calibration accuracy below N_max; without them it does, far
 below (docs/results/auto-budget.md).
-Two policies (`POLICIES`), the same MLP on the same features:
+Two policies (`POLICIES`), the same MLPs on the same features:
 - `sufficiency`: one logit per rung below the top, q_n = P(N_n suffices); q is made monotone in
   N (a cummax: if a smaller N suffices, a larger one does), and the choice is the smallest rung
   with q_n >= tau, else the top rung. The knob tau is a threshold in (0, 1].
@@ -79,30 +79,69 @@ POLICIES = ("sufficiency", "accuracy")  # the first is the default
 
 class Router(nn.Module):
     """Features -> (B, K) scores: P(N_k suffices), monotone in k and 1 at the top rung
-    (`sufficiency`), or P(right at N_k) (`accuracy`)."""
+    (`sufficiency`), or P(right at N_k) (`accuracy`).
+    Where the accuracy curve is flat, a single MLP's p_k differ between near-equal rungs by its
+    own noise, and the choice follows that noise. Two things damp it:
+    - `members` MLPs of the same shape from different initialisations and dropout masks
+      (`tfx.auto.fit.fit_router`), their probabilities averaged;
+    - `shrink` s (accuracy policy): p_k <- (1 - s) p_k + s prior_k, prior_k the rung's accuracy
+      over the training samples, so a rung that is worse for everyone (N = 25 on a 6 x 6 grid,
+      whose pooling bins overlap) is not bought on a per-sample whim.
+    Weights stacked member-first, each member's in `nn.Linear`'s layout (`w1` (M, H, F), `w2`
+    (M, K', H))."""
 
     def __init__(self, in_dim: int, rungs: int, hidden: int = 32,
-                 policy: str = POLICIES[0]):
+                 policy: str = POLICIES[0], members: int = 1, shrink: float = 0.0):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"router policy {policy!r}: one of {', '.join(POLICIES)}")
-        self.policy = policy
+        if members < 1:
+            raise ValueError(f"router members {members}: at least 1")
+        if not 0 <= shrink < 1 or (shrink and policy != "accuracy"):
+            raise ValueError(f"router shrink {shrink}: in [0, 1), and 0 unless the policy is "
+                             "accuracy")
+        self.policy, self.members, self.shrink = policy, members, shrink
         self.register_buffer("shift", torch.zeros(in_dim))
         self.register_buffer("scale", torch.ones(in_dim))
         outputs = rungs - 1 if policy == "sufficiency" else rungs
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.1),
-                                 nn.Linear(hidden, outputs))
+        self.register_buffer("prior", torch.zeros(outputs))
+        layers = [nn.Linear(in_dim, hidden), nn.Linear(hidden, outputs)]
+        for i, layer in enumerate(layers, 1):  # each member: PyTorch's Linear init
+            self.register_parameter(f"w{i}", nn.Parameter(torch.stack(
+                [nn.Linear(layer.in_features, layer.out_features).weight.detach()
+                 for _ in range(members)])))
+            self.register_parameter(f"b{i}", nn.Parameter(torch.stack(
+                [nn.Linear(layer.in_features, layer.out_features).bias.detach()
+                 for _ in range(members)])))
+        self.dropout = nn.Dropout(0.1)
+
+    def macs(self) -> int:
+        """Multiply-adds per sample."""
+        return self.w1[0].numel() * self.members + self.w2[0].numel() * self.members
 
     def logits(self, feats_BF: torch.Tensor) -> torch.Tensor:
-        return self.net((feats_BF.float() - self.shift) / self.scale)
+        """(M, B, K') every member's logits."""
+        x = (feats_BF.float() - self.shift) / self.scale
+        h = self.dropout(F.gelu(torch.einsum("bf,mhf->mbh", x, self.w1) + self.b1[:, None]))
+        return torch.einsum("mbh,mkh->mbk", h, self.w2) + self.b2[:, None]
 
     def forward(self, feats_BF: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(self.logits(feats_BF))
+        p = torch.sigmoid(self.logits(feats_BF)).mean(0)
         if self.policy == "accuracy":
-            return p
+            return (1 - self.shrink) * p + self.shrink * self.prior
         # below 1 at every lower rung, so tau = 1 always means the top rung
         q = p.clamp_max(1 - 1e-6).cummax(dim=1).values
         return torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
+
+
+def upgrade_state(state: dict) -> dict:
+    """A router saved before `members` and `shrink` (one nn.Sequential under `net.0.*`,
+    `net.3.*`; no prior) in today's layout: one member, a zero prior (unused at shrink 0)."""
+    if "net.0.weight" not in state:
+        return state
+    names = {"net.0.weight": "w1", "net.0.bias": "b1", "net.3.weight": "w2", "net.3.bias": "b2"}
+    out = {names.get(k, k): v[None] if k in names else v for k, v in state.items()}
+    return out | {"prior": torch.zeros_like(out["b2"][0])}
 
 
 def choose_index(s_BK: torch.Tensor, knob: float, ladder: list[int],
