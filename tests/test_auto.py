@@ -244,6 +244,18 @@ def test_shrink_keeps_the_choice_off_a_rung_that_is_worse_for_everyone():
         train_and_calibrate(t, t, policy="sufficiency", shrink=0.3)
 
 
+def test_the_budget_rule_spends_the_budget_instead_of_chasing_a_cheap_noise_peak():
+    """A flat curve whose best point within 15 tokens is a cheap one by a hair: the rule takes
+    the point spending the most within the budget (the more accurate of equal spends)."""
+    curve = [{"tau": 0.3, "accuracy": 0.500, "tokens": 5.0},
+             {"tau": 0.1, "accuracy": 0.497, "tokens": 10.0},
+             {"tau": 0.05, "accuracy": 0.498, "tokens": 14.0},
+             {"tau": 0.04, "accuracy": 0.499, "tokens": 14.0},
+             {"tau": 0.0, "accuracy": 0.510, "tokens": 30.0}]
+    assert pick_threshold(curve, 15.0)["tau"] == 0.04
+    assert pick_threshold(curve, 4.0) is None
+
+
 def two_kinds_table(samples: int, seed: int) -> Outcomes:
     """Feature 0 says which half a sample is in: easy ones are right at every rung, hard ones
     only at the top. The best policy: N = 1 for easy, N = 9 for hard (5 tokens, accuracy 1)."""
@@ -266,9 +278,10 @@ def test_both_policies_learn_who_needs_tokens_and_the_budget_rule_spends_within_
     assert point["accuracy"] >= 0.99 and point["tokens"] < 5.5  # fixed N = 9: 9 tokens
     _, within = train_and_calibrate(train, calib, policy=policy, budget=0.6)
     assert within["budget"] == 0.6 and within["calib"]["point"]["tokens"] <= 5.4
-    # the budget rule takes the most accurate point within 5.4 tokens of the curve
+    # the budget rule takes the point of the curve spending the most within 5.4 tokens
     curve = [p for p in within["calib"]["curve"] if p["tokens"] <= 5.4]
-    assert within["calib"]["point"]["accuracy"] == max(p["accuracy"] for p in curve) >= 0.99
+    assert within["calib"]["point"]["tokens"] == max(p["tokens"] for p in curve)
+    assert within["calib"]["point"]["accuracy"] >= 0.99
     # 4.5 tokens cannot reach every hard sample: the accuracy policy trades some of them away
     # at a higher price; the confident sufficiency router sends them all to N = 9 at any tau,
     # and then the cheapest point it has stands (with a warning), not the top rung

@@ -228,7 +228,7 @@ def chosen_on(meta: dict) -> str:
     where = (f"{meta['calib_samples']} router + calib questions, out of fold"
              if how == "crossfit" else "calib")
     if meta.get("budget"):
-        return f"{where}, the most accurate within {100 * meta['budget']:g} % of the tokens"
+        return f"{where}, the most spent within {100 * meta['budget']:g} % of the tokens"
     conf = meta.get("confidence", 0.5)
     return where if conf == 0.5 else f"{where}, confidence {conf}"
 

@@ -82,7 +82,7 @@ def rule(router: dict) -> str:
     """How the exported router picks N and how its knob was chosen, in words."""
     ladder = router["ladder"]
     if router.get("budget"):
-        chosen = (f"the most accurate on held-out questions within "
+        chosen = (f"the one spending the most on held-out questions within "
                   f"{100 * router['budget']:.3g} % of N = {ladder[-1]}'s tokens")
     else:
         chosen = (f"the cheapest keeping {100 * router.get('keep', 0.99):.3g} % of "
