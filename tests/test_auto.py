@@ -276,11 +276,16 @@ def test_both_policies_learn_who_needs_tokens_and_the_budget_rule_spends_within_
     point = meta["calib"]["point"]
     assert meta["policy"] == policy and meta["budget"] is None
     assert point["accuracy"] >= 0.99 and point["tokens"] < 5.5  # fixed N = 9: 9 tokens
-    _, within = train_and_calibrate(train, calib, policy=policy, budget=0.6)
-    assert within["budget"] == 0.6 and within["calib"]["point"]["tokens"] <= 5.4
-    # the budget rule takes the point of the curve spending the most within 5.4 tokens
-    curve = [p for p in within["calib"]["curve"] if p["tokens"] <= 5.4]
-    assert within["calib"]["point"]["tokens"] == max(p["tokens"] for p in curve)
+    served, within = train_and_calibrate(train, calib, policy=policy, budget=0.6)
+    assert within["budget"] == 0.6 and within["calib"]["point"]["served_tokens"] <= 5.4
+    pool = Outcomes.concat(train, calib)  # crossfit: both splits are scored
+    with torch.no_grad():
+        spent = choose(served(pool.feats_SF), pool.ladder, within["tau"], policy)
+    assert sum(spent) / len(spent) == pytest.approx(within["calib"]["point"]["served_tokens"])
+    # the budget rule takes the point of the curve at which the served router spends the most
+    # within 5.4 tokens
+    curve = [p for p in within["calib"]["curve"] if p["served_tokens"] <= 5.4]
+    assert within["calib"]["point"]["served_tokens"] == max(p["served_tokens"] for p in curve)
     assert within["calib"]["point"]["accuracy"] >= 0.99
     # 4.5 tokens cannot reach every hard sample: the accuracy policy trades some of them away
     # at a higher price; the confident sufficiency router sends them all to N = 9 at any tau,
@@ -288,9 +293,9 @@ def test_both_policies_learn_who_needs_tokens_and_the_budget_rule_spends_within_
     _, tight = train_and_calibrate(train, calib, policy=policy, budget=0.5)
     point, curve = tight["calib"]["point"], tight["calib"]["curve"]
     if policy == "accuracy":
-        assert point["tokens"] <= 4.5 and point["accuracy"] < 0.99
+        assert point["served_tokens"] <= 4.5 and point["accuracy"] < 0.99
     else:
-        assert point["tokens"] == min(p["tokens"] for p in curve) < 9
+        assert point["served_tokens"] == min(p["served_tokens"] for p in curve) < 9
     with pytest.raises(ConfigError, match="--budget 0"):
         train_and_calibrate(train, calib, budget=0.0)
     with pytest.raises(ConfigError, match="--policy 'price'"):
@@ -450,21 +455,30 @@ def test_accuracy_policy_within_a_budget_serves_the_same_in_the_export(routed, s
     assert "accuracy router for N in [1, 4, 9, 16, 25, 36]: price" in result.stdout
     meta = json.loads((run / "router" / "router.json").read_text())
     assert (meta["policy"], meta["budget"]) == ("accuracy", 0.5)
-    assert meta["calib"]["point"]["tokens"] <= 18
-    ev = run_tfx("eval", str(run), "--auto", timeout=300)
+    assert meta["calib"]["point"]["served_tokens"] <= 18
+    assert (meta["members"], meta["shrink"]) == (5, 0.3)  # the accuracy policy's defaults
+    ev = run_tfx("eval", str(run), "--auto", "--out", str(tmp_path / "auto-b50"), timeout=300)
     assert ev.returncode == 0, ev.stderr[-2000:]
-    report = json.loads((run / "eval-auto" / "auto.json").read_text())
+    report = json.loads((tmp_path / "auto-b50" / "auto.json").read_text())
     assert (report["policy"], report["knob"], report["tau"]) == ("accuracy", "price", meta["tau"])
     assert report["live"]["accuracy"] == pytest.approx(report["operating_point"]["accuracy"])
     assert report["live"]["tokens"] == pytest.approx(report["operating_point"]["tokens"])
-    assert "router, price = 0 |" in ev.stdout and "within 50 % of the tokens" in ev.stdout
+    assert "router, price = 0 |" in ev.stdout
+    assert "most spent within 50 % of the tokens" in ev.stdout
     out = tmp_path / "export"
     conv = run_tfx("convert", str(run), str(out), "--check", timeout=300)
     assert conv.returncode == 0, conv.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
     assert (config["router"]["policy"], config["router"]["budget"]) == ("accuracy", 0.5)
-    assert "less price x N / 36" in (out / "README.md").read_text()
-    check = run_tfx("router", "check", str(out), str(run), "--samples", "12", timeout=300)
+    assert (config["router"]["members"], config["router"]["shrink"]) == (5, 0.3)
+    card = (out / "README.md").read_text()
+    assert "less price x N / 36" in card and "the mean of 5 small MLPs" in card
+    nowhere = run_tfx("router", "check", str(out), str(run), "--report", str(tmp_path / "no"),
+                      timeout=120)
+    assert nowhere.returncode == 2 and "--out" in last_line(nowhere)
+    # eval --auto wrote its record with --out: --report points the check at it
+    check = run_tfx("router", "check", str(out), str(run), "--samples", "12", "--report",
+                    str(tmp_path / "auto-b50"), timeout=300)
     assert check.returncode == 0, check.stderr[-3000:]
     assert "N equal for 12, answers equal for 12" in check.stdout
 

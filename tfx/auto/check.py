@@ -1,6 +1,7 @@
-"""`tfx router check EXPORT RUN`: the export's `num_visual_tokens="auto"`, in a fresh process
-without tfx, must pick the N and give the answer `tfx eval RUN --auto` recorded, sample by
-sample (up to `samples` of them, taken evenly from every chosen N).
+"""`tfx router check EXPORT RUN [--report DIR]`: the export's `num_visual_tokens="auto"`, in a
+fresh process without tfx, must pick the N and give the answer `tfx eval RUN --auto` recorded,
+sample by sample (up to `samples` of them, taken evenly from every chosen N). The record is
+RUN/eval-auto/auto.json, or the auto.json in (or at) `report`: `tfx eval --auto --out DIR`.
 
 Data flow position: `tfx eval --auto`'s auto.json + the exported folder -> **a plain
 transformers process** (AutoModelForImageTextToText + AutoProcessor, trust_remote_code) ->
@@ -59,15 +60,26 @@ def pick(samples, per_sample: dict, count: int) -> list:
     return out
 
 
-def run_router_check(export: str, run: str, samples: int = 64, timeout: int = 1800) -> dict:
+def report_file(run: str, report: str | None) -> Path:
+    """The auto.json to check against: `report` (the file, or a folder holding it), else
+    RUN/eval-auto/auto.json, where `tfx eval RUN --auto` writes it without --out."""
+    path = Path(report) if report else Path(run) / "eval-auto"
+    path = path / "auto.json" if path.is_dir() or not path.suffix else path
+    if not path.is_file():
+        hint = (f"`tfx eval {run} --auto --out {report}`" if report
+                else f"`tfx eval {run} --auto` (or pass --report DIR after --out DIR)")
+        raise ConfigError(f"{path} not found: run {hint} first")
+    return path
+
+
+def run_router_check(export: str, run: str, samples: int = 64, timeout: int = 1800,
+                     report: str | None = None) -> dict:
     from PIL import Image
 
     from tfx.eval.runner import eval_samples
     from tfx.train.load import load_model
 
-    report_path = Path(run) / "eval-auto" / "auto.json"
-    if not report_path.is_file():
-        raise ConfigError(f"{report_path} not found: run `tfx eval {run} --auto` first")
+    report_path = report_file(run, report)
     if not (Path(export) / "config.json").is_file():
         raise ConfigError(f"{export}: not an exported folder (tfx convert)")
     report = json.loads(report_path.read_text())

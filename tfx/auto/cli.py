@@ -78,6 +78,9 @@ def router_parser() -> argparse.ArgumentParser:
     c.add_argument("export", help="the folder `tfx convert RUN` wrote")
     c.add_argument("run", help="the run folder `tfx eval --auto` wrote eval-auto/ in")
     c.add_argument("--samples", type=int, default=64)
+    c.add_argument("--report", default=None,
+                   help="the auto.json (or its folder) to check against, when `tfx eval --auto` "
+                        "wrote it with --out (default: RUN/eval-auto/)")
     return p
 
 
@@ -86,7 +89,7 @@ def main(argv: list[str]) -> None:
     if args.what == "check":
         from tfx.auto.check import AutoMismatch, run_router_check
 
-        result = run_router_check(args.export, args.run, args.samples)
+        result = run_router_check(args.export, args.run, args.samples, report=args.report)
         print(result["line"])
         if not result["ok"]:
             bad = [r for r in result["rows"] if (r["want"]["n"], r["want"]["answer"])
