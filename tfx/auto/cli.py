@@ -45,7 +45,7 @@ def router_parser() -> argparse.ArgumentParser:
                         "threshold; accuracy: P(right at N) per N, the N with the best "
                         "probability less a price per token")
     t.add_argument("--budget", type=float, default=None,
-                   help="instead of --keep: the knob giving the best calibration accuracy "
+                   help="instead of --keep: the knob at which the router spends the most "
                         "within this share of the top N's tokens (e.g. 0.45)")
     t.add_argument("--hidden", type=int, default=32, help="router MLP width")
     t.add_argument("--members", type=int, default=MEMBERS,
